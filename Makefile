@@ -23,12 +23,14 @@ $(STAMP): pyproject.toml
 protos: $(PROTO_GEN)
 
 # Generated code is never edited by hand: the sed turns protoc's absolute imports into package-relative
-# ones and registers the files in trtserve's private descriptor pool (see service/proto/_pool.py).
+# ones, registers the files in trtserve's private descriptor pool (see service/proto/_pool.py) and names
+# the modules by their import path so that messages pickle.
 $(PROTO_GEN) &: protos/inference.proto protos/model_config.proto $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
 		--pyi_out=$(PROTO_OUT) protos/inference.proto protos/model_config.proto
 	sed -i -E -e 's/^import (\w+_pb2) as/from . import \1 as/' \
 		-e 's/_descriptor_pool\.Default\(\)/_POOL/' \
+		-e "s/(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')(\w+)'/\1service.proto.\2'/" \
 		-e 's/^(from google.protobuf.internal import builder as _builder)$$/\1\nfrom ._pool import POOL as _POOL/' \
 		$(PROTO_OUT)/*_pb2*.py
 

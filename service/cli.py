@@ -1,0 +1,89 @@
+"""`trtserve` command line: `serve` runs the server, `build` warms the engine plan cache.
+
+Every flag can also be set as an environment variable `TRTSERVE_<FLAG>` (upper case, dashes as
+underscores), which is how the Kubernetes manifests configure it; a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.settings import ServerSettings
+
+_DEFAULTS = ServerSettings(model_repository=Path("models"))
+
+
+def _env(flag: str, default: object) -> object:
+    return os.environ.get("TRTSERVE_" + flag.upper().replace("-", "_"), default)
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: object) -> None:
+    default = kwargs.pop("default", None)
+    env_value = _env(flag, None)
+    if env_value is not None:
+        default = env_value.split() if kwargs.get("nargs") else env_value
+    parser.add_argument(f"--{flag}", default=default, help=f"{help} [env TRTSERVE_{flag.upper().replace('-', '_')}]",
+                        **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trtserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a model repository over gRPC (KServe v2 / Triton protocol)")
+    _add(serve, "model-repository", "path of the model repository", required=_env("model-repository", None) is None)
+    _add(serve, "host", "address to bind (gRPC and metrics)", default=_DEFAULTS.host)
+    _add(serve, "grpc-port", "gRPC port; 0 picks a free port and logs it", type=int, default=_DEFAULTS.grpc_port)
+    _add(serve, "metrics-port", "Prometheus /metrics HTTP port; 0 picks a free port, -1 disables", type=int,
+         default=_DEFAULTS.metrics_port)
+    _add(serve, "model-control-mode", "none: load every model at start; explicit: load with RepositoryModelLoad",
+         choices=["none", "explicit"], default=_DEFAULTS.model_control_mode)
+    _add(serve, "load-model", "with explicit mode, models to load at start (repeatable)", nargs="*", default=[])
+    _add(serve, "engine-cache-dir", "directory of the on-disk engine plan cache", default=None)
+    _add(serve, "shutdown-grace-seconds", "on SIGTERM, how long in-flight requests may take to finish",
+         type=float, default=_DEFAULTS.shutdown_grace_seconds)
+    _add(serve, "worker-start-timeout-seconds", "how long a model's worker may take to load and warm up",
+         type=float, default=_DEFAULTS.worker_start_timeout_seconds)
+    _add(serve, "shm-bytes-per-model", "shared memory for requests in flight to one model", type=int,
+         default=_DEFAULTS.shm_bytes_per_model)
+    _add(serve, "max-request-bytes", "largest gRPC message accepted", type=int, default=_DEFAULTS.max_request_bytes)
+    _add(serve, "intra-op-threads", "ONNX Runtime threads per model on the CPU (0 = its default)", type=int,
+         default=_DEFAULTS.intra_op_threads)
+    _add(serve, "log-level", "debug, info, warning or error", default=_DEFAULTS.log_level)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """Turn parsed `serve` arguments into the settings object passed down the server."""
+    return ServerSettings(
+        model_repository=Path(args.model_repository),
+        host=args.host,
+        grpc_port=int(args.grpc_port),
+        metrics_port=int(args.metrics_port),
+        model_control_mode=args.model_control_mode,
+        load_models=tuple(args.load_model or ()),
+        engine_cache_dir=Path(args.engine_cache_dir) if args.engine_cache_dir else None,
+        shutdown_grace_seconds=float(args.shutdown_grace_seconds),
+        worker_start_timeout_seconds=float(args.worker_start_timeout_seconds),
+        shm_bytes_per_model=int(args.shm_bytes_per_model),
+        max_request_bytes=int(args.max_request_bytes),
+        intra_op_threads=int(args.intra_op_threads),
+        log_level=str(args.log_level),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from service.frontend.app import serve
+
+        return serve(settings_from_args(args))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

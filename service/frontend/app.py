@@ -1,0 +1,145 @@
+"""Assembles and runs the server: gRPC (inference, health, reflection), metrics HTTP, model workers.
+
+Shutdown order on SIGTERM/SIGINT: report NOT_SERVING, stop taking new RPCs, let in-flight ones
+finish within the grace period, then stop the workers and remove their shared memory; exit code 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from service.errors import ServeError
+from service.frontend.errors import ErrorInterceptor
+from service.frontend.health import Health
+from service.frontend.servicer import InferenceServicer
+from service.metrics import MetricsEndpoint, ServerMetrics, start_http_server
+from service.proto import inference_pb2, inference_pb2_grpc
+from service.proto._pool import POOL
+from service.repository import ModelRepository
+from service.settings import ServerSettings
+from service.workers.manager import ModelManager
+from service.workers.supervisor import SupervisorSettings
+from service.workers.worker import WorkerOptions
+
+log = logging.getLogger("trtserve")
+
+
+@dataclass
+class RunningServer:
+    """A started server: the bound ports and what `shutdown` stops."""
+
+    grpc_port: int
+    metrics_port: int | None
+    server: grpc.aio.Server
+    manager: ModelManager
+    health: Health
+    metrics: ServerMetrics
+    metrics_endpoint: MetricsEndpoint | None
+    settings: ServerSettings
+
+    async def shutdown(self) -> None:
+        await self.health.shutdown()
+        await self.server.stop(self.settings.shutdown_grace_seconds)
+        await self.manager.close()
+        if self.metrics_endpoint is not None:
+            await asyncio.to_thread(self.metrics_endpoint.stop)
+
+
+async def start(settings: ServerSettings) -> RunningServer:
+    """Bind the ports, start serving health at once, then load the models."""
+    loop = asyncio.get_running_loop()
+    metrics = ServerMetrics()
+    health = Health()
+
+    def ready_changed() -> None:
+        loop.create_task(health.update({h.spec.name: h.ready for h in manager.loaded()}))
+
+    manager = ModelManager(
+        ModelRepository(settings.model_repository),
+        WorkerOptions(intra_op_threads=settings.intra_op_threads, engine_cache_dir=settings.engine_cache_dir,
+                      log_level=settings.log_level),
+        SupervisorSettings(shm_bytes=settings.shm_bytes_per_model,
+                           start_timeout_s=settings.worker_start_timeout_seconds),
+        metrics, on_ready_change=ready_changed,
+    )
+    limits = [("grpc.max_receive_message_length", settings.max_request_bytes),
+              ("grpc.max_send_message_length", settings.max_request_bytes)]
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=limits)
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(manager, metrics, health, settings), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    _enable_reflection(server)
+    grpc_port = server.add_insecure_port(f"{_bracket(settings.host)}:{settings.grpc_port}")
+    if grpc_port == 0:
+        raise OSError(f"could not bind gRPC port {settings.host}:{settings.grpc_port}")
+    await server.start()
+    endpoint = None
+    if settings.metrics_port >= 0:
+        endpoint = start_http_server(settings.metrics_port, settings.host, metrics.registry)
+    log.info("trtserve listening: grpc %s:%d, metrics %s", settings.host, grpc_port,
+             f"{settings.host}:{endpoint.port}" if endpoint else "off")
+    await health.update({})
+    running = RunningServer(grpc_port, endpoint.port if endpoint else None, server, manager, health, metrics,
+                            endpoint, settings)
+    await _load_initial_models(running)
+    return running
+
+
+async def _load_initial_models(running: RunningServer) -> None:
+    settings, manager = running.settings, running.manager
+    if settings.model_control_mode == "none":
+        names = manager.repository.model_names()
+    else:
+        names = list(settings.load_models)
+
+    async def load(name: str) -> None:
+        try:
+            await manager.load(name)
+        except ServeError as exc:
+            log.error("model %s failed to load: %s", name, exc.message)
+
+    await asyncio.gather(*(load(n) for n in names))
+    await running.health.update({h.spec.name: h.ready for h in manager.loaded()})
+    log.info("models ready: %s", ", ".join(sorted(h.spec.name for h in manager.loaded() if h.ready)) or "none")
+
+
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    # Reflection answers from trtserve's private descriptor pool; add the health and reflection files to it.
+    for file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        try:
+            POOL.FindFileByName(file.name)
+        except KeyError:
+            POOL.AddSerializedFile(file.serialized_pb)
+    names = (inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=POOL)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def _run(settings: ServerSettings) -> int:
+    running = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests for up to %.0fs", settings.shutdown_grace_seconds)
+    await running.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def serve(settings: ServerSettings) -> int:
+    """Run the server until SIGTERM or SIGINT; returns the process exit code."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return asyncio.run(_run(settings))

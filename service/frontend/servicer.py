@@ -1,0 +1,152 @@
+"""The GRPCInferenceService servicer: each RPC is decode -> call the model manager -> encode."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from service import __version__
+from service.errors import ServeError
+from service.frontend import codec
+from service.frontend.errors import status_of
+from service.frontend.health import Health
+from service.metrics import ServerMetrics
+from service.proto import inference_pb2 as pb
+from service.proto import inference_pb2_grpc
+from service.settings import ServerSettings
+from service.workers.manager import ModelManager, require_explicit
+
+EXTENSIONS = ["model_repository", "model_repository(unload_dependents)", "statistics", "model_configuration"]
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+
+
+class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    """KServe v2 / Triton gRPC API over the model manager."""
+
+    def __init__(self, manager: ModelManager, metrics: ServerMetrics, health: Health,
+                 settings: ServerSettings) -> None:
+        self._models = manager
+        self._metrics = metrics
+        self._health = health
+        self._settings = settings
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=not self._health.shutting_down and self._models.all_ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._models.is_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="trtserve", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        spec = self._models.spec(request.name, request.version)
+        inputs, outputs = codec.tensor_metadata(spec)
+        return pb.ModelMetadataResponse(name=spec.name, versions=[str(spec.version)],
+                                        platform=PLATFORMS.get(spec.backend, spec.backend),
+                                        inputs=inputs, outputs=outputs)
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=self._models.spec(request.name, request.version).config)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        return await self._infer(request, context.time_remaining())
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests run concurrently; responses stream back as they finish, each echoing its request id."""
+        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.ModelInferRequest) -> None:
+            try:
+                response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+            except Exception as exc:  # each request's error goes back in-stream; the stream stays open
+                _, message = status_of(exc)
+                response = pb.ModelStreamInferResponse(
+                    error_message=message, infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version, id=request.id))
+            await done.put(response)
+
+        async def read_all() -> None:
+            async for request in requests:
+                task = asyncio.create_task(one(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks))
+            await done.put(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (response := await done.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _infer(self, request: pb.ModelInferRequest, timeout_s: float | None) -> pb.ModelInferResponse:
+        started = time.perf_counter()
+        handle = self._models.get(request.model_name, request.model_version)  # before any metric label
+        spec = handle.spec
+        rows = 0
+        status = "OK"
+        try:
+            inputs, output_names = codec.decode_request(request, spec)
+            rows = inputs[0].shape[0] if spec.max_batch_size > 0 and inputs else 1
+            outputs, _ = await handle.infer(inputs, output_names, timeout_s)
+            return codec.encode_response(request, spec, outputs)
+        except ServeError as exc:
+            status = exc.code
+            raise
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            self._metrics.observe_request(spec.name, str(spec.version), status,
+                                          time.perf_counter() - started, rows)
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+        handles = ([self._models.get(request.name, request.version)] if request.name else self._models.loaded())
+        return pb.ModelStatisticsResponse(model_stats=[
+            _statistics(self._metrics.statistics(h.spec.name, str(h.spec.version))) for h in handles
+        ])
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=s.name, version=s.version, state=s.state, reason=s.reason)
+            for s in self._models.index(ready_only=request.ready)
+        ])
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
+        require_explicit(self._settings.model_control_mode)
+        await self._models.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
+        require_explicit(self._settings.model_control_mode)
+        await self._models.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _statistics(stats: dict) -> pb.ModelStatistics:
+    """ModelStatistics from the metrics accumulator's plain dict."""
+    from google.protobuf import json_format
+
+    return json_format.ParseDict(stats, pb.ModelStatistics(), ignore_unknown_fields=True)

@@ -1,0 +1,26 @@
+"""Server settings: parsed once in `main()` from flags and TRTSERVE_* environment variables, then passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `trtserve serve` is configured with (see `trtserve serve --help`)."""
+
+    model_repository: Path
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    model_control_mode: str = "none"  # none: load every model at start; explicit: RepositoryModelLoad/Unload
+    load_models: tuple[str, ...] = ()
+    engine_cache_dir: Path | None = None
+    shutdown_grace_seconds: float = 30.0
+    worker_start_timeout_seconds: float = 300.0
+    shm_bytes_per_model: int = 64 << 20
+    max_request_bytes: int = 64 << 20
+    intra_op_threads: int = 0
+    log_level: str = "info"
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,74 @@
+"""Messages between the parent and a model worker: a small JSON header, then optional inline bytes.
+
+Nothing is pickled: a frame is `<u32 header length><JSON header><payload>`. Tensor data normally lives
+in the shared-memory arena and the header only names offsets; outputs whose size could not be known in
+advance travel inline in the payload.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+_LEN = struct.Struct("<I")
+
+# Operation names (parent -> worker)
+INFER = "infer"
+PING = "ping"
+CANCEL = "cancel"
+STOP = "stop"
+# Operation names (worker -> parent)
+READY = "ready"
+FAILED = "failed"
+RESULT = "result"
+ERROR = "error"
+PONG = "pong"
+STATS = "stats"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's raw bytes are: in the arena at `offset`, or inline at `offset` in the payload."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    inline: bool = False
+
+    def to_json(self) -> list[Any]:
+        return [self.name, self.datatype, list(self.shape), self.offset, self.nbytes, self.inline]
+
+    @staticmethod
+    def from_json(item: list[Any]) -> TensorRef:
+        name, datatype, shape, offset, nbytes, inline = item
+        return TensorRef(str(name), str(datatype), tuple(int(d) for d in shape), int(offset), int(nbytes),
+                         bool(inline))
+
+
+def encode(header: dict[str, Any], payload: bytes | memoryview | None = None) -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    parts = [_LEN.pack(len(head)), head]
+    if payload is not None:
+        parts.append(payload)
+    return b"".join(parts)
+
+
+def decode(frame: bytes) -> tuple[dict[str, Any], memoryview]:
+    """The header dict and a view of the payload (empty when there is none)."""
+    (n,) = _LEN.unpack_from(frame, 0)
+    view = memoryview(frame)
+    header = json.loads(view[_LEN.size:_LEN.size + n].tobytes())
+    return header, view[_LEN.size + n:]
+
+
+def send(conn: Connection, header: dict[str, Any], payload: bytes | memoryview | None = None) -> None:
+    conn.send_bytes(encode(header, payload))
+
+
+def recv(conn: Connection) -> tuple[dict[str, Any], memoryview]:
+    return decode(conn.recv_bytes())

@@ -1,0 +1,101 @@
+"""Runs the real `trtserve serve` in its own process for tests, on 127.0.0.1 with ports picked by the OS."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "models"
+_LISTENING = re.compile(r"trtserve listening: grpc [^ ]+:(\d+), metrics (?:[^ ]+:(\d+)|off)")
+
+
+class ServerProcess:
+    """A started server; `url` for tritonclient, `lines` its log so far, `stop()` sends SIGTERM."""
+
+    def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None,
+                 wait_ready: bool = True, timeout_s: float = 90.0) -> None:
+        cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(repository),
+               "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self._eof = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+        match = self.wait_for(_LISTENING, timeout_s)
+        self.grpc_port = int(match.group(1))
+        self.metrics_port = int(match.group(2)) if match.group(2) else None
+        self.url = f"127.0.0.1:{self.grpc_port}"
+        if wait_ready:
+            self.wait_for(re.compile(r"models ready: "), timeout_s)
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: re.Pattern[str], timeout_s: float, start: int = 0) -> re.Match[str]:
+        """Block until a log line matches; fail with the log when it does not come."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                for line in self.lines[start:]:
+                    if m := pattern.search(line):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    raise AssertionError(f"server log never matched {pattern.pattern!r}:\n{''.join(self.lines)}")
+                self._changed.wait(min(left, 0.5))
+
+    def workers(self) -> list[psutil.Process]:
+        """The model worker processes (children of the server)."""
+        try:
+            return [p for p in psutil.Process(self.proc.pid).children(recursive=True)
+                    if "resource_tracker" not in " ".join(p.cmdline())]
+        except psutil.NoSuchProcess:
+            return []
+
+    def worker_pid(self, model: str) -> int:
+        """The pid of a model's current worker, from the server's log."""
+        pids = re.findall(rf"model {re.escape(model)} version \d+ ready in worker pid (\d+)", "".join(self.lines))
+        assert pids, f"no worker for {model} in log"
+        return int(pids[-1])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.stop()
+
+
+def shm_segments(pid: int) -> list[str]:
+    """trtserve shared-memory segments created by the server process `pid`."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"trtserve-{pid}-*"))
+
+
+def start(repository: Path = EXAMPLES, args: Sequence[str] = (), **kwargs: object) -> ServerProcess:
+    return ServerProcess(repository, *args, **kwargs)
