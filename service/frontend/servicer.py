@@ -103,7 +103,11 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             inputs, output_names = codec.decode_request(request, spec)
             rows = inputs[0].shape[0] if spec.max_batch_size > 0 and inputs else 1
-            outputs, _ = await handle.infer(inputs, output_names, timeout_s)
+            self._metrics.add_pending(spec.name, spec.version, 1)
+            try:
+                outputs, _ = await handle.infer(inputs, output_names, timeout_s)
+            finally:
+                self._metrics.add_pending(spec.name, spec.version, -1)
             return codec.encode_response(request, spec, outputs)
         except ServeError as exc:
             status = exc.code

@@ -1,0 +1,139 @@
+"""Worker processes through their whole life: explicit load/unload, crash and respawn, shutdown cleanup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.server import shm_segments, start
+
+
+def _tiny_input(batch: int = 2) -> tuple[np.ndarray, list[grpcclient.InferInput]]:
+    x = np.arange(batch * 16, dtype=np.float32).reshape(batch, 16)
+    inp = grpcclient.InferInput("x", [batch, 16], "FP32")
+    inp.set_data_from_numpy(x)
+    return x, [inp]
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _gone(pids: list[int]) -> bool:
+    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+
+
+def test_explicit_load_and_unload(example_repo):
+    with start(example_repo, ["--model-control-mode", "explicit", "--load-model", "tiny"]) as server:
+        client = grpcclient.InferenceServerClient(server.url)
+        index = {m.name: m.state for m in client.get_model_repository_index().models}
+        assert index["tiny"] == "READY" and index["mlp"] == "UNAVAILABLE"
+        with pytest.raises(InferenceServerException, match="not loaded|unknown model") as err:
+            client.infer("mixed", _tiny_input()[1])
+        assert err.value.status() == "StatusCode.NOT_FOUND"
+
+        client.load_model("mixed")
+        assert client.is_model_ready("mixed")
+        ids = grpcclient.InferInput("ids", [1, 8], "INT64")
+        ids.set_data_from_numpy(np.arange(8, dtype=np.int64).reshape(1, 8))
+        scale = grpcclient.InferInput("scale", [1, 4], "FP16")
+        scale.set_data_from_numpy(np.ones((1, 4), np.float16))
+        assert client.infer("mixed", [ids, scale]).as_numpy("sum")[0, 0] == 28
+
+        tiny_worker = server.worker_pid("tiny")
+        client.unload_model("tiny")
+        assert not client.is_model_ready("tiny")
+        _wait(lambda: _gone([tiny_worker]), 10, "the unloaded model's worker to exit")
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("tiny", _tiny_input()[1])
+        assert err.value.status() == "StatusCode.NOT_FOUND"
+        with pytest.raises(InferenceServerException) as err:
+            client.load_model("no-such-model")
+        assert err.value.status() == "StatusCode.NOT_FOUND"
+
+        client.load_model("tiny")  # loads again, in a new worker
+        x, inputs = _tiny_input()
+        assert client.infer("tiny", inputs).as_numpy("y").shape == x.shape
+        assert server.worker_pid("tiny") != tiny_worker
+
+
+def test_worker_killed_under_load_fails_fast_and_comes_back(example_repo):
+    with start(example_repo) as server:
+        client = grpcclient.InferenceServerClient(server.url)
+        victim = server.worker_pid("tiny")
+        others = {m: server.worker_pid(m) for m in ("mlp", "mixed")}
+        stop = threading.Event()
+        outcomes: list[tuple[str, float]] = []
+        lock = threading.Lock()
+
+        def load() -> None:
+            c = grpcclient.InferenceServerClient(server.url)
+            x, inputs = _tiny_input(4)
+            deadline = time.monotonic() + 30  # bounded even if the test fails
+            while not stop.is_set() and time.monotonic() < deadline:
+                t0 = time.monotonic()
+                try:
+                    y = c.infer("tiny", inputs, client_timeout=20).as_numpy("y")
+                    status = "OK" if y.shape == x.shape else "WRONG"
+                except InferenceServerException as exc:
+                    status = exc.status()
+                with lock:
+                    outcomes.append((status, time.monotonic() - t0))
+
+        threads = [threading.Thread(target=load) for _ in range(8)]
+        for t in threads:
+            t.start()
+        _wait(lambda: len(outcomes) > 40, 20, "load to start")
+        os.kill(victim, signal.SIGKILL)
+        _wait(lambda: server.worker_pid("tiny") != victim, 20, "the worker to be respawned")
+        _wait(lambda: client.is_model_ready("tiny"), 20, "the model to be ready again")
+        n = len(outcomes)
+        _wait(lambda: len(outcomes) > n + 40, 20, "requests after the restart")
+        stop.set()
+        for t in threads:
+            t.join(30)
+
+        statuses = {s for s, _ in outcomes}
+        assert statuses <= {"OK", "StatusCode.UNAVAILABLE"}, statuses
+        failed = [d for s, d in outcomes if s != "OK"]
+        assert failed, "killing the worker under load must fail some in-flight requests"
+        assert max(failed) < 5.0, f"in-flight requests must fail fast, slowest took {max(failed):.1f}s"
+        assert outcomes[-1][0] == "OK"
+        assert {m: server.worker_pid(m) for m in others} == others  # other models untouched
+        assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read()
+        assert b'trtserve_worker_restarts_total{model="tiny"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_leaves_no_process_or_shared_memory(example_repo, sig):
+    server = start(example_repo)
+    workers = [p.pid for p in server.workers()]
+    assert len(workers) >= 4
+    client = grpcclient.InferenceServerClient(server.url)
+    client.infer("tiny", _tiny_input()[1])
+    assert shm_segments(server.proc.pid)
+    assert server.stop(sig) == 0
+    _wait(lambda: _gone(workers), 10, "workers to exit")
+    assert shm_segments(server.proc.pid) == []
+
+
+def test_server_killed_leaves_no_orphans(example_repo):
+    server = start(example_repo)
+    workers = [p.pid for p in server.workers()]
+    server.stop(signal.SIGKILL)
+    # Workers see their pipe close and exit; Python's resource tracker unlinks the arenas.
+    _wait(lambda: _gone(workers), 15, "orphaned workers to exit")
+    _wait(lambda: shm_segments(server.proc.pid) == [], 15, "shared memory to be removed")
