@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
          default=_DEFAULTS.metrics_port)
     _add(serve, "model-control-mode", "none: load every model at start; explicit: load with RepositoryModelLoad",
          choices=["none", "explicit"], default=_DEFAULTS.model_control_mode)
-    _add(serve, "load-model", "with explicit mode, models to load at start (repeatable)", nargs="*", default=[])
+    _add(serve, "load-model", "with explicit mode, models to load at start (repeatable)", nargs="+",
+         action="extend", default=[])
     _add(serve, "engine-cache-dir", "directory of the on-disk engine plan cache", default=None)
     _add(serve, "shutdown-grace-seconds", "on SIGTERM, how long in-flight requests may take to finish",
          type=float, default=_DEFAULTS.shutdown_grace_seconds)

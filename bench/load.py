@@ -1,0 +1,79 @@
+"""A closed-loop load generator: N threads, each with its own tritonclient.grpc client, for a fixed time.
+
+Used by the benchmarks; prints and returns requests/s and latency percentiles.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+
+@dataclass
+class LoadResult:
+    clients: int
+    requests: int
+    errors: int
+    seconds: float
+    latencies_s: np.ndarray
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q) * 1000) if len(self.latencies_s) else float("nan")
+
+
+def run_load(url: str, model: str, inputs: dict[str, np.ndarray], clients: int, seconds: float,
+             datatypes: dict[str, str], stream: bool = False, warmup_s: float = 0.5) -> LoadResult:
+    """Send `inputs` to `model` from `clients` threads for `seconds` (after a warm-up); count what came back."""
+    stop_at = time.monotonic() + warmup_s + seconds
+    measure_from = time.monotonic() + warmup_s
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+
+    def worker(i: int) -> None:
+        client = grpcclient.InferenceServerClient(url)
+        reqs = []
+        for name, array in inputs.items():
+            inp = grpcclient.InferInput(name, list(array.shape), datatypes[name])
+            inp.set_data_from_numpy(array)
+            reqs.append(inp)
+        done = threading.Event()
+        box: list[object] = []
+        if stream:
+            client.start_stream(callback=lambda result, error: (box.append(error), done.set()))
+        try:
+            while (now := time.monotonic()) < stop_at:
+                try:
+                    if stream:
+                        done.clear()
+                        box.clear()
+                        client.async_stream_infer(model, reqs)
+                        done.wait(30)
+                        if box and box[0] is not None:
+                            raise RuntimeError(box[0])
+                    else:
+                        client.infer(model, reqs)
+                    if now >= measure_from:
+                        latencies[i].append(time.monotonic() - now)
+                except Exception:  # counted, not raised: a benchmark reports errors
+                    if now >= measure_from:
+                        errors[i] += 1
+        finally:
+            if stream:
+                client.stop_stream()
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lat = np.array([x for per in latencies for x in per])
+    return LoadResult(clients, len(lat), sum(errors), seconds, lat)

@@ -1,0 +1,53 @@
+"""Flags and TRTSERVE_* environment variables parse into the same settings; flags win."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.cli import build_parser, settings_from_args
+
+
+def _settings(argv, monkeypatch, env=None):
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    return settings_from_args(build_parser().parse_args(argv))
+
+
+def test_defaults(monkeypatch):
+    s = _settings(["serve", "--model-repository", "repo"], monkeypatch)
+    assert (s.model_repository, s.host, s.grpc_port, s.metrics_port) == (Path("repo"), "0.0.0.0", 8001, 8002)
+    assert s.model_control_mode == "none" and s.load_models == () and s.engine_cache_dir is None
+
+
+def test_every_flag_has_an_environment_variable(monkeypatch):
+    env = {
+        "TRTSERVE_MODEL_REPOSITORY": "/models", "TRTSERVE_HOST": "127.0.0.1", "TRTSERVE_GRPC_PORT": "9001",
+        "TRTSERVE_METRICS_PORT": "9002", "TRTSERVE_MODEL_CONTROL_MODE": "explicit",
+        "TRTSERVE_LOAD_MODEL": "tiny mlp", "TRTSERVE_ENGINE_CACHE_DIR": "/cache",
+        "TRTSERVE_SHUTDOWN_GRACE_SECONDS": "5", "TRTSERVE_WORKER_START_TIMEOUT_SECONDS": "7",
+        "TRTSERVE_SHM_BYTES_PER_MODEL": "1048576", "TRTSERVE_MAX_REQUEST_BYTES": "2048",
+        "TRTSERVE_INTRA_OP_THREADS": "2", "TRTSERVE_LOG_LEVEL": "debug",
+    }
+    s = _settings(["serve"], monkeypatch, env)
+    assert s.model_repository == Path("/models") and s.host == "127.0.0.1"
+    assert (s.grpc_port, s.metrics_port, s.model_control_mode) == (9001, 9002, "explicit")
+    assert s.load_models == ("tiny", "mlp") and s.engine_cache_dir == Path("/cache")
+    assert (s.shutdown_grace_seconds, s.worker_start_timeout_seconds) == (5.0, 7.0)
+    assert (s.shm_bytes_per_model, s.max_request_bytes, s.intra_op_threads, s.log_level) == (1048576, 2048, 2, "debug")
+    # every serve flag is covered above
+    flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions} - {"help"}
+    assert {f"TRTSERVE_{f.upper()}" for f in flags} == set(env)
+
+
+def test_flag_beats_environment(monkeypatch):
+    s = _settings(["serve", "--grpc-port", "7000", "--load-model", "a", "--load-model", "b"], monkeypatch,
+                  {"TRTSERVE_MODEL_REPOSITORY": "/m", "TRTSERVE_GRPC_PORT": "9001"})
+    assert s.grpc_port == 7000 and s.load_models == ("a", "b")
+
+
+def test_bad_value_is_a_usage_error(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        _settings(["serve", "--model-repository", "r", "--model-control-mode", "poll"], monkeypatch)
+    assert "invalid choice" in capsys.readouterr().err
