@@ -93,8 +93,10 @@ class OnnxRuntimeEngine:
         if session is None:
             raise Unavailable(f"model '{self.spec.name}': engine (capacity {self.capacity}) is closed")
         self._check(inputs)
+        feeds = {name: _text(name, inputs[name]) if inputs[name].dtype == object else inputs[name]
+                 for name in inputs}
         try:
-            outputs = session.run(self._output_names, inputs)
+            outputs = session.run(self._output_names, feeds)
         except Exception as exc:  # onnxruntime raises its own unexported exception types
             raise InternalError(f"model '{self.spec.name}': onnxruntime run failed: {exc}") from exc
         return dict(zip(self._output_names, outputs))
@@ -227,3 +229,12 @@ def _match(spec: ModelSpec, kind: str, tensors: tuple[TensorSpec, ...], model: d
                 f"{' (after the batch dim)' if spec.max_batch_size > 0 else ''} do not match the model's "
                 f"shape {node.shape}"
             )
+
+
+def _text(name: str, array: np.ndarray) -> np.ndarray:
+    """BYTES elements as str: ONNX Runtime's Python binding takes strings only (it would str() a bytes)."""
+    try:
+        return np.array([e.decode("utf-8") if isinstance(e, bytes) else e for e in array.ravel()],
+                        dtype=object).reshape(array.shape)
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"input '{name}': ONNX Runtime string tensors must be UTF-8 ({exc})") from None
