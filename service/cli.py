@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "intra-op-threads", "ONNX Runtime threads per model on the CPU (0 = its default)", type=int,
          default=_DEFAULTS.intra_op_threads)
     _add(serve, "log-level", "debug, info, warning or error", default=_DEFAULTS.log_level)
+
+    build = sub.add_parser("build", help="build engine plans into the cache ahead of time (init containers)")
+    _add(build, "model-repository", "path of the model repository", required=_env("model-repository", None) is None)
+    _add(build, "engine-cache-dir", "directory of the on-disk engine plan cache",
+         required=_env("engine-cache-dir", None) is None)
+    _add(build, "model", "models to build (repeatable; default: every model)", nargs="+", action="extend",
+         default=[])
+    _add(build, "batch-sizes", "comma-separated capacities, e.g. 1,8,64 (default: the model's warm-up sizes, "
+         "else every bucket up to max_batch_size)", default="")
     return parser
 
 
@@ -83,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.frontend.app import serve
 
         return serve(settings_from_args(args))
-    return 2
+    from service.engines.prebuild import build_plans
+
+    sizes = [int(s) for s in str(args.batch_sizes).split(",") if s.strip()]
+    return build_plans(Path(args.model_repository), Path(args.engine_cache_dir), args.model, sizes)
 
 
 if __name__ == "__main__":
