@@ -1,0 +1,179 @@
+"""Where the buffer pool's bytes come from: plain host memory, or CUDA device memory plus pinned staging.
+
+An allocator hands out `Buffer`s: host-visible bytes (page-aligned host memory, or pinned host staging)
+and, on a GPU, a device allocation of the same size. It also owns the stream the copies and the
+engines run on, and `sync()` waits for work queued there, so that the pool frees a buffer only after
+the work on it has finished. `CudaAllocator` imports cuda-python lazily: CPU machines never import it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.errors import InternalError, ResourceExhausted
+
+PAGE = mmap.PAGESIZE
+DEVICE_ALIGNMENT = 256  # cudaMalloc's guaranteed alignment; reported bytes are rounded to it
+
+
+def round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+@dataclass
+class Buffer:
+    """One allocation: `host` (uint8, host-visible: host or pinned memory), `device_ptr` (0 when the
+    allocator has no device memory) and the bytes it holds by memory kind."""
+
+    nbytes: int
+    host: np.ndarray
+    device_ptr: int = 0
+    held: dict[str, int] = field(default_factory=dict)
+
+
+class Allocator(Protocol):
+    """What the pool needs from an allocator. `memories` lists the kinds it allocates from."""
+
+    memories: tuple[str, ...]
+    device_id: int | None
+
+    def footprint(self, nbytes: int) -> dict[str, int]: ...
+    def allocate(self, nbytes: int) -> Buffer: ...
+    def free(self, buf: Buffer) -> None: ...
+    def sync(self) -> None: ...
+    def upload(self, buf: Buffer, nbytes: int) -> None: ...
+    def download(self, buf: Buffer, nbytes: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class HostAllocator:
+    """Page-aligned host memory (anonymous mmap) for engines that run on the CPU. Freed when the pool
+    and every view of it let go; copies are no-ops since host memory is what the engine reads."""
+
+    memories = ("host",)
+    device_id = None
+
+    def footprint(self, nbytes: int) -> dict[str, int]:
+        return {"host": round_up(nbytes, PAGE)}
+
+    def allocate(self, nbytes: int) -> Buffer:
+        size = round_up(nbytes, PAGE)
+        if size == 0:
+            return Buffer(0, np.empty(0, np.uint8), 0, {"host": 0})
+        try:
+            host = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
+        except (OSError, MemoryError) as exc:
+            raise ResourceExhausted(f"cannot allocate {size} bytes of host memory: {exc}") from exc
+        return Buffer(nbytes, host, 0, {"host": size})
+
+    def free(self, buf: Buffer) -> None:
+        # Views still held elsewhere keep the mapping alive (no use after free); the pool forgets it.
+        buf.host = np.empty(0, np.uint8)
+
+    def sync(self) -> None:
+        pass
+
+    def upload(self, buf: Buffer, nbytes: int) -> None:
+        pass
+
+    def download(self, buf: Buffer, nbytes: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Pinned:
+    """Pinned host memory exposed to numpy; freed when the last numpy view of it goes away."""
+
+    def __init__(self, ptr: int, nbytes: int, free: Any) -> None:
+        self.__array_interface__ = {"data": (ptr, False), "shape": (nbytes,), "typestr": "|u1", "version": 3}
+        weakref.finalize(self, free, ptr)
+
+
+class CudaAllocator:
+    """Device memory (cudaMalloc) plus a pinned host staging buffer (cudaMallocHost) per binding, and
+    one non-blocking stream for the copies and the engines (`stream` is its handle as an int)."""
+
+    memories = ("device", "pinned")
+
+    def __init__(self, device_id: int = 0, stream: int | None = None) -> None:
+        from cuda.bindings import runtime as cudart  # lazily: CPU machines never import cuda
+
+        self._rt = cudart
+        self.device_id = device_id
+        self._check(cudart.cudaSetDevice(device_id), "cudaSetDevice")
+        self._own_stream = stream is None
+        if stream is None:
+            stream = int(self._check(
+                cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreate"
+            ))
+        self.stream = stream
+
+    def _check(self, result: Any, what: str) -> Any:
+        err, *rest = result if isinstance(result, tuple) else (result,)
+        if err != self._rt.cudaError_t.cudaSuccess:
+            name = self._rt.cudaGetErrorName(err)[1].decode()
+            if err == self._rt.cudaError_t.cudaErrorMemoryAllocation:
+                raise ResourceExhausted(f"{what}: out of memory on cuda:{self.device_id} ({name})")
+            raise InternalError(f"{what} failed on cuda:{self.device_id}: {name}")
+        return rest[0] if len(rest) == 1 else tuple(rest)
+
+    def footprint(self, nbytes: int) -> dict[str, int]:
+        return {"device": round_up(nbytes, DEVICE_ALIGNMENT), "pinned": round_up(nbytes, PAGE)}
+
+    def allocate(self, nbytes: int) -> Buffer:
+        held = self.footprint(nbytes)
+        if nbytes == 0:
+            return Buffer(0, np.empty(0, np.uint8), 0, dict.fromkeys(held, 0))
+        rt = self._rt
+        self._check(rt.cudaSetDevice(self.device_id), "cudaSetDevice")  # per thread in CUDA
+        dev = int(self._check(rt.cudaMalloc(held["device"]), f"cudaMalloc({held['device']})"))
+        try:
+            pinned = int(self._check(rt.cudaMallocHost(held["pinned"]), f"cudaMallocHost({held['pinned']})"))
+        except Exception:
+            rt.cudaFree(dev)
+            raise
+        host = np.asarray(_Pinned(pinned, held["pinned"], rt.cudaFreeHost))
+        return Buffer(nbytes, host, dev, held)
+
+    def free(self, buf: Buffer) -> None:
+        """Frees the device memory now (call `sync` first); pinned memory goes with its last view."""
+        if buf.device_ptr:
+            self._check(self._rt.cudaFree(buf.device_ptr), "cudaFree")
+            buf.device_ptr = 0
+        buf.host = np.empty(0, np.uint8)
+
+    def sync(self) -> None:
+        self._check(self._rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def upload(self, buf: Buffer, nbytes: int) -> None:
+        """Queue a host-to-device copy of the first `nbytes` on the stream."""
+        if nbytes:
+            rt = self._rt
+            self._check(rt.cudaMemcpyAsync(
+                buf.device_ptr, buf.host.ctypes.data, nbytes,
+                rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream,
+            ), "cudaMemcpyAsync(H2D)")
+
+    def download(self, buf: Buffer, nbytes: int) -> None:
+        """Queue a device-to-host copy of the first `nbytes`; `sync()` before reading the host side."""
+        if nbytes:
+            rt = self._rt
+            self._check(rt.cudaMemcpyAsync(
+                buf.host.ctypes.data, buf.device_ptr, nbytes,
+                rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream,
+            ), "cudaMemcpyAsync(D2H)")
+
+    def close(self) -> None:
+        """Wait for the stream and destroy it if this allocator created it."""
+        if self.stream is not None:
+            self.sync()
+            if self._own_stream:
+                self._rt.cudaStreamDestroy(self.stream)
+            self.stream = None

@@ -1,0 +1,519 @@
+"""Engine registry: which engines get built, which one runs each batch, what is released, and when.
+
+Uses the controllable in-memory builder of fake_engines.py (builds and runs held on events, a fake
+clock), a real BufferPool on host memory, and no sleeps.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+from tests.fake_engines import ROW, FakeBuilder, FakeClock, FakePlanBuilder, model, tokens
+
+from service.engines.plan_cache import PlanCache
+from service.engines.policy import Bucket, EnginePolicy, Mode, Rebuild, bucket_capacity, from_config
+from service.engines.registry import EngineRegistry
+from service.errors import ConfigError, InternalError, InvalidArgument, Unavailable
+from service.memory.pool import BufferPool, PoolTensor
+
+F4 = np.dtype("<f4")
+MAX_BATCH = 8
+SEQUENCE = [1, 5, 1, 0, 2, 3, 0, 1, 3, 2]
+
+# One row per batch of SEQUENCE (max_batch_size 8; x and y are 1024 FP32 per row = 8192 pool bytes a
+# row; fake engines hold 1000 device bytes per unit of capacity). Columns:
+#   batch, builds it causes [(capacity, reason)], live capacities after it,
+#   engine calls [(capacity, rows)] under BLOCKING, the same under BACKGROUND (a missing engine is
+#   built off the request path and the batch runs on what is live, by chunks if nothing is large
+#   enough), host pool bytes after it (exact growth: rows = largest batch so far), engine device bytes.
+TABLES = {
+    (Mode.REUSE, Bucket.POW2): [
+        (1, [(1, "first")], [1], [(1, 1)], [(1, 1)], 8192, 1000),
+        (5, [(8, "grow")], [8], [(8, 5)], [(1, 1)] * 5, 40960, 8000),
+        (1, [], [8], [(8, 1)], [(8, 1)], 40960, 8000),
+        (0, [], [8], [], [], 40960, 8000),
+        (2, [], [8], [(8, 2)], [(8, 2)], 40960, 8000),
+        (3, [], [8], [(8, 3)], [(8, 3)], 40960, 8000),
+        (0, [], [8], [], [], 40960, 8000),
+        (1, [], [8], [(8, 1)], [(8, 1)], 40960, 8000),
+        (3, [], [8], [(8, 3)], [(8, 3)], 40960, 8000),
+        (2, [], [8], [(8, 2)], [(8, 2)], 40960, 8000),
+    ],
+    (Mode.REUSE, Bucket.EXACT): [
+        (1, [(1, "first")], [1], [(1, 1)], [(1, 1)], 8192, 1000),
+        (5, [(5, "grow")], [5], [(5, 5)], [(1, 1)] * 5, 40960, 5000),
+        (1, [], [5], [(5, 1)], [(5, 1)], 40960, 5000),
+        (0, [], [5], [], [], 40960, 5000),
+        (2, [], [5], [(5, 2)], [(5, 2)], 40960, 5000),
+        (3, [], [5], [(5, 3)], [(5, 3)], 40960, 5000),
+        (0, [], [5], [], [], 40960, 5000),
+        (1, [], [5], [(5, 1)], [(5, 1)], 40960, 5000),
+        (3, [], [5], [(5, 3)], [(5, 3)], 40960, 5000),
+        (2, [], [5], [(5, 2)], [(5, 2)], 40960, 5000),
+    ],
+    (Mode.MULTI, Bucket.EXACT): [
+        (1, [(1, "first")], [1], [(1, 1)], [(1, 1)], 8192, 1000),
+        (5, [(5, "grow")], [1, 5], [(5, 5)], [(1, 1)] * 5, 40960, 6000),
+        (1, [], [1, 5], [(1, 1)], [(1, 1)], 40960, 6000),
+        (0, [], [1, 5], [], [], 40960, 6000),
+        (2, [(2, "bucket")], [1, 2, 5], [(2, 2)], [(5, 2)], 40960, 8000),
+        (3, [(3, "bucket")], [1, 2, 3, 5], [(3, 3)], [(5, 3)], 40960, 11000),
+        (0, [], [1, 2, 3, 5], [], [], 40960, 11000),
+        (1, [], [1, 2, 3, 5], [(1, 1)], [(1, 1)], 40960, 11000),
+        (3, [], [1, 2, 3, 5], [(3, 3)], [(3, 3)], 40960, 11000),
+        (2, [], [1, 2, 3, 5], [(2, 2)], [(2, 2)], 40960, 11000),
+    ],
+    (Mode.MULTI, Bucket.POW2): [
+        (1, [(1, "first")], [1], [(1, 1)], [(1, 1)], 8192, 1000),
+        (5, [(8, "grow")], [1, 8], [(8, 5)], [(1, 1)] * 5, 40960, 9000),
+        (1, [], [1, 8], [(1, 1)], [(1, 1)], 40960, 9000),
+        (0, [], [1, 8], [], [], 40960, 9000),
+        (2, [(2, "bucket")], [1, 2, 8], [(2, 2)], [(8, 2)], 40960, 11000),
+        (3, [(4, "bucket")], [1, 2, 4, 8], [(4, 3)], [(8, 3)], 40960, 15000),
+        (0, [], [1, 2, 4, 8], [], [], 40960, 15000),
+        (1, [], [1, 2, 4, 8], [(1, 1)], [(1, 1)], 40960, 15000),
+        (3, [], [1, 2, 4, 8], [(4, 3)], [(4, 3)], 40960, 15000),
+        (2, [], [1, 2, 4, 8], [(2, 2)], [(2, 2)], 40960, 15000),
+    ],
+}
+
+
+class Events:
+    """on_event recorder."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, dict]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, **fields) -> None:
+        with self._lock:
+            self.log.append((kind, fields))
+
+    def of(self, kind: str) -> list[dict]:
+        with self._lock:
+            return [f for k, f in self.log if k == kind]
+
+
+def make_pool(growth: str = "exact", **kwargs) -> BufferPool:
+    return BufferPool([PoolTensor("x", F4, (ROW,))], [PoolTensor("y", F4, (ROW,))], growth=growth, **kwargs)
+
+
+def make(mode=Mode.REUSE, bucket=Bucket.POW2, rebuild=Rebuild.BACKGROUND, builder=None, **policy):
+    clock = FakeClock()
+    builder = builder or FakeBuilder(clock=clock, build_seconds=2.0)
+    events = Events()
+    registry = EngineRegistry(builder, EnginePolicy(mode=mode, bucket=bucket, rebuild=rebuild, **policy),
+                              max_batch_size=MAX_BATCH, on_event=events, clock=clock)
+    return registry, builder, events, clock
+
+
+def run_batch(registry, pool, batch, seed=0):
+    """Fill the pool's inputs, execute, check the outputs; returns what execute returned."""
+    bufs = pool.views(batch)
+    x = np.random.default_rng(seed).standard_normal((batch, ROW), dtype=np.float32)
+    bufs.inputs["x"][...] = x
+    extra = registry.execute(batch, bufs)
+    np.testing.assert_array_equal(bufs.outputs["y"], model(x))
+    return extra, x
+
+
+@pytest.mark.parametrize("rebuild", [Rebuild.BLOCKING, Rebuild.BACKGROUND])
+@pytest.mark.parametrize("mode,bucket", list(TABLES))
+def test_batch_sequence_tables(mode, bucket, rebuild):
+    registry, builder, events, _ = make(mode, bucket, rebuild)
+    pool = make_pool("exact")
+    for step, (batch, builds, live, runs_blocking, runs_background, pool_bytes, engine_bytes) in enumerate(
+        TABLES[mode, bucket]
+    ):
+        n_builds, n_runs, n_events = len(builder.builds), len(builder.runs), len(events.of("build"))
+        assert run_batch(registry, pool, batch, seed=step)[0] == {}
+        assert registry.wait_for_builds(timeout=30)
+        where = f"step {step} (batch {batch})"
+        assert builder.builds[n_builds:] == [c for c, _ in builds], where
+        assert [(e["capacity"], e["reason"]) for e in events.of("build")[n_events:]] == builds, where
+        assert all(e["duration_s"] == 2.0 for e in events.of("build")[n_events:]), where
+        assert registry.live_capacities() == live, where
+        runs = runs_blocking if rebuild is Rebuild.BLOCKING else runs_background
+        assert builder.runs[n_runs:] == runs, where
+        assert pool.bytes_by_memory() == {"host": pool_bytes, "pinned": 0, "device": 0}, where
+        stats = registry.stats()
+        assert stats["engine_device_bytes"] == engine_bytes, where
+        assert stats["engines_live"] == len(live) and stats["max_capacity"] == max(live), where
+    table = TABLES[mode, bucket]
+    assert registry.stats()["builds"] == Counter(r for _, builds, *_ in table for _, r in builds)
+    # Exactly the engines no longer live were released, each once.
+    released = sorted(e["capacity"] for e in events.of("release"))
+    assert released == sorted(e.capacity for e in builder.engines if e.capacity not in table[-1][2])
+    assert all(e.closed == (e.capacity not in table[-1][2]) for e in builder.engines)
+    splits = events.of("split")
+    assert len(splits) == (1 if rebuild is Rebuild.BACKGROUND else 0)
+    registry.close()
+    assert all(e.closed for e in builder.engines)
+
+
+def test_background_serves_oversize_batch_by_chunks_while_building():
+    registry, builder, events, _ = make(Mode.REUSE, Bucket.POW2, Rebuild.BACKGROUND)
+    pool = make_pool()
+    run_batch(registry, pool, 1)
+    builder.hold()
+    run_batch(registry, pool, 5, seed=1)  # returns while the build of 8 is held
+    builder.wait_started(2)
+    assert builder.builds == [1, 8]
+    assert builder.runs[1:] == [(1, 1)] * 5
+    assert registry.live_capacities() == [1] and registry.stats()["building"] == [8]
+    assert events.of("split") == [{"batch": 5, "capacity": 1, "chunks": 5}]
+    run_batch(registry, pool, 3, seed=2)  # still building: chunks again, no second build
+    assert builder.builds == [1, 8] and builder.runs[6:] == [(1, 1)] * 3
+    builder.release()
+    assert registry.wait_for_builds(timeout=30)
+    assert registry.live_capacities() == [8]
+    assert builder.engine(1).closed and events.of("release") == [
+        {"capacity": 1, "why": "reuse", "device_bytes": 1000}]
+    run_batch(registry, pool, 5, seed=3)
+    assert builder.runs[-1] == (8, 5)
+    assert registry.stats()["split_batches"] == 2
+
+
+def test_blocking_builds_on_the_calling_thread_and_other_batches_still_run():
+    registry, builder, events, _ = make(Mode.REUSE, Bucket.POW2, Rebuild.BLOCKING)
+    pool, big_pool = make_pool(), make_pool()
+    run_batch(registry, pool, 1)
+    builder.hold()
+    done = threading.Event()
+    errors = []
+
+    def big():
+        try:
+            run_batch(registry, big_pool, 6, seed=4)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        done.set()
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    builder.wait_started(2)
+    assert not done.is_set()  # the batch of 6 waits for its engine (TVM's stall)
+    run_batch(registry, pool, 1, seed=5)  # a batch that fits the live engine is not held up
+    assert builder.runs == [(1, 1), (1, 1)]
+    builder.release()
+    thread.join(timeout=30)
+    assert done.is_set() and not errors
+    assert builder.runs[-1] == (8, 6) and events.of("split") == []
+    assert registry.live_capacities() == [8]
+
+
+def test_multi_lru_cap_releases_least_recently_used():
+    registry, builder, events, _ = make(Mode.MULTI, Bucket.EXACT, Rebuild.BLOCKING, max_engines=2)
+    pool = make_pool()
+    for batch, live in [(1, [1]), (2, [1, 2]), (1, [1, 2]), (3, [1, 3]), (2, [2, 3]), (3, [2, 3])]:
+        run_batch(registry, pool, batch)
+        assert registry.live_capacities() == live, batch
+    assert builder.builds == [1, 2, 3, 2]
+    assert [(e["capacity"], e["why"]) for e in events.of("release")] == [(2, "lru"), (1, "lru")]
+    assert registry.stats()["builds"] == {"first": 1, "grow": 2, "bucket": 1}
+
+
+def test_failed_background_build_keeps_the_old_engine_and_retries_after_backoff():
+    registry, builder, events, clock = make(Mode.REUSE, Bucket.POW2, Rebuild.BACKGROUND)
+    pool = make_pool()
+    run_batch(registry, pool, 1)
+    builder.fail.add(8)
+    run_batch(registry, pool, 5)  # served by chunks; the build of 8 fails in the background
+    assert registry.wait_for_builds(timeout=30)
+    failed = events.of("build_failed")
+    assert [(f["capacity"], f["trigger"], f["retry_in_s"]) for f in failed] == [(8, "grow", 1.0)]
+    assert "fake build of capacity 8 failed" in failed[0]["error"]
+    assert registry.live_capacities() == [1] and not builder.engine(1).closed
+    run_batch(registry, pool, 5)  # within the backoff: no new attempt, still served
+    assert registry.wait_for_builds(timeout=30) and builder.builds == [1, 8]
+    clock.advance(1.0)
+    run_batch(registry, pool, 6)  # retried (needs 8 again), fails again: backoff doubles
+    assert registry.wait_for_builds(timeout=30)
+    assert builder.builds == [1, 8, 8] and events.of("build_failed")[-1]["retry_in_s"] == 2.0
+    builder.fail.clear()
+    clock.advance(2.0)
+    run_batch(registry, pool, 5)
+    assert registry.wait_for_builds(timeout=30)
+    assert builder.builds == [1, 8, 8, 8] and registry.live_capacities() == [8]
+    assert registry.stats()["build_failures"] == 2 and registry.stats()["builds"] == {"first": 1, "grow": 1}
+    run_batch(registry, pool, 5)
+    assert builder.runs[-1] == (8, 5)
+
+
+def test_failed_blocking_build_serves_the_batch_by_chunks():
+    registry, builder, events, _ = make(Mode.REUSE, Bucket.POW2, Rebuild.BLOCKING)
+    pool = make_pool()
+    run_batch(registry, pool, 2)
+    builder.fail.add(8)
+    run_batch(registry, pool, 5)
+    assert builder.builds == [2, 8] and builder.runs[1:] == [(2, 2), (2, 2), (2, 1)]
+    assert registry.live_capacities() == [2] and len(events.of("build_failed")) == 1
+
+
+def test_first_build_failure_raises_then_unavailable_until_the_backoff_passes():
+    registry, builder, events, clock = make(Mode.REUSE, Bucket.POW2, Rebuild.BACKGROUND)
+    pool = make_pool()
+    builder.fail.add(4)
+    with pytest.raises(InternalError, match="capacity 4 failed"):
+        run_batch(registry, pool, 3)
+    with pytest.raises(Unavailable, match=r"retrying in 1\.0s"):
+        run_batch(registry, pool, 3)
+    assert builder.builds == [4]
+    builder.fail.clear()
+    clock.advance(1.0)
+    run_batch(registry, pool, 3)
+    assert builder.builds == [4, 4] and registry.live_capacities() == [4]
+    assert events.of("build")[-1]["reason"] == "first"
+
+
+def test_build_error_that_is_a_serve_error_reaches_the_caller_unchanged():
+    registry, builder, _, _ = make()
+    builder.fail.add(1)
+    builder.fail_with = ConfigError("model 'm': cannot load model.onnx")
+    with pytest.raises(ConfigError, match=r"cannot load model\.onnx"):
+        run_batch(registry, make_pool(), 1)
+
+
+def test_batch_zero_builds_and_runs_nothing_and_oversize_batch_is_rejected():
+    registry, builder, events, _ = make()
+    pool = make_pool()
+    assert registry.execute(0, pool.views(0)) == {}
+    assert builder.builds == [] and builder.runs == [] and events.log == []
+    assert pool.bytes_by_memory()["host"] == 0
+    with pytest.raises(InvalidArgument, match=r"outside 1\.\.8"):
+        registry.execute(9, make_pool().views(9))
+
+
+def test_warm_up_builds_listed_capacities():
+    registry, builder, events, _ = make(Mode.REUSE, warmup_batch_sizes=(2, 8))
+    registry.warm_up()
+    assert builder.builds == [8] and registry.live_capacities() == [8]  # REUSE keeps one: the largest
+    assert [e["reason"] for e in events.of("build")] == ["warmup"]
+    registry, builder, events, _ = make(Mode.MULTI, Bucket.POW2, warmup_batch_sizes=(4, 1))
+    registry.warm_up()
+    assert builder.builds == [1, 4] and registry.live_capacities() == [1, 4]
+    run_batch(registry, make_pool(), 3)
+    assert builder.builds == [1, 4] and builder.runs == [(4, 3)]
+    builder.fail.add(8)
+    registry, builder, _, _ = make(warmup_batch_sizes=(8,), builder=builder)
+    with pytest.raises(InternalError):
+        registry.warm_up()
+
+
+def test_engine_with_only_run_works_through_the_adapter():
+    registry, builder, _, _ = make(builder=FakeBuilder(run_into=False))
+    pool = make_pool()
+    for batch in [1, 5, 3]:
+        run_batch(registry, pool, batch)
+    registry.wait_for_builds(timeout=30)
+    assert builder.builds == [1, 8]
+
+
+@pytest.mark.parametrize("run_into", [True, False])
+def test_unpooled_outputs_are_returned_and_joined_over_chunks(run_into):
+    builder = FakeBuilder(run_into=run_into, extra_output=True)
+    registry, builder, _, _ = make(Mode.REUSE, Bucket.POW2, Rebuild.BACKGROUND, builder=builder)
+    pool = make_pool()
+    extra, x = run_batch(registry, pool, 2)
+    np.testing.assert_array_equal(extra["tokens"], tokens(x))
+    builder.hold()
+    extra, x = run_batch(registry, pool, 7, seed=9)  # 4 chunks on the engine of 2
+    assert len(builder.runs) == 5 and extra["tokens"].shape == (7, 3)
+    np.testing.assert_array_equal(extra["tokens"], tokens(x))
+    builder.release()
+    registry.wait_for_builds(timeout=30)
+
+
+def test_reuse_releases_the_smaller_engine_only_after_its_work_finishes():
+    registry, builder, events, _ = make(Mode.REUSE, warmup_batch_sizes=(8,))
+    pool = make_pool()
+    run_batch(registry, pool, 1)
+    builder.run_gate.clear()
+    worker = threading.Thread(target=run_batch, args=(registry, make_pool(), 1))
+    worker.start()
+    builder.wait_runs(2)  # the worker's batch is in flight on engine 1
+    registry.warm_up()  # builds 8 while engine 1 is running a batch
+    assert registry.live_capacities() == [8]
+    assert registry.stats()["draining_capacities"] == [1] and registry.stats()["engines_live"] == 2
+    assert not builder.engine(1).closed and events.of("release") == []
+    builder.run_gate.set()
+    worker.join(timeout=30)
+    assert builder.engine(1).closed
+    assert events.of("release") == [{"capacity": 1, "why": "reuse", "device_bytes": 1000}]
+    assert registry.stats()["engines_live"] == 1
+
+
+def test_concurrent_random_batches_are_all_correct_while_engines_grow():
+    registry, builder, _, _ = make(Mode.REUSE, Bucket.EXACT, Rebuild.BACKGROUND)
+    errors = []
+
+    def client(seed):
+        rng, pool = random.Random(seed), make_pool("geometric")
+        try:
+            for i in range(40):
+                run_batch(registry, pool, rng.randint(0, MAX_BATCH), seed=seed * 100 + i)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert registry.wait_for_builds(timeout=30)
+    assert registry.live_capacities() == [MAX_BATCH]
+    assert all(e.closed for e in builder.engines if e.capacity != MAX_BATCH)
+    assert registry.stats()["engines_live"] == 1
+
+
+def test_close_releases_engines_and_refuses_new_batches():
+    registry, builder, events, _ = make(Mode.MULTI, Bucket.EXACT, Rebuild.BACKGROUND)
+    pool = make_pool()
+    run_batch(registry, pool, 2)
+    builder.hold()
+    run_batch(registry, pool, 1)  # a build of 1 starts and is held
+    builder.wait_started(2)
+    registry.close()
+    assert builder.engine(2).closed
+    with pytest.raises(Unavailable):
+        run_batch(registry, pool, 1)
+    builder.release()
+    assert registry.wait_for_builds(timeout=30)
+    assert builder.engine(1).closed and registry.stats()["engines_live"] == 0
+    assert sorted(e["capacity"] for e in events.of("release")) == [1, 2]
+
+
+def test_plan_cache_restart_builds_nothing_and_corrupt_plan_is_rebuilt(tmp_path):
+    cache_events = Events()
+    cache = PlanCache(tmp_path, on_event=cache_events)
+
+    def start():
+        builder = FakePlanBuilder()
+        events = Events()
+        registry = EngineRegistry(builder, EnginePolicy(), max_batch_size=MAX_BATCH, plan_cache=cache,
+                                  on_event=events)
+        run_batch(registry, make_pool(), 1)
+        return registry, builder, events
+
+    _, builder, events = start()
+    assert builder.plan_builds == [1] and [e["reason"] for e in events.of("build")] == ["first"]
+    _, builder, events = start()  # a restart with a warm cache
+    assert builder.builds == [] and builder.loads == [1]
+    assert [(e["reason"], e["trigger"]) for e in events.of("build")] == [("cache_hit", "first")]
+    plan = next(tmp_path.glob("*.plan"))
+    plan.write_bytes(plan.read_bytes()[:-1])  # truncated
+    _, builder, events = start()
+    assert builder.plan_builds == [1] and events.of("build")[0]["reason"] == "first"
+    assert [e["why"] for e in cache_events.of("plan_cache_invalid")] == ["payload is 1043 bytes, header says 1044"]
+    _, builder, events = start()
+    assert builder.builds == [] and events.of("build")[0]["reason"] == "cache_hit"
+
+
+def test_plan_the_backend_refuses_is_discarded_and_rebuilt(tmp_path):
+    cache = PlanCache(tmp_path)
+    builder = FakePlanBuilder()
+    registry = EngineRegistry(builder, max_batch_size=MAX_BATCH, plan_cache=cache)
+    run_batch(registry, make_pool(), 3)
+    builder.refuse_load = True
+    events = Events()
+    registry = EngineRegistry(builder, max_batch_size=MAX_BATCH, plan_cache=cache, on_event=events)
+    with pytest.raises(InternalError, match="cannot deserialize"):  # rebuilt, then the load fails too
+        run_batch(registry, make_pool(), 3)
+    assert [e["capacity"] for e in events.of("plan_load_failed")] == [4]
+    assert builder.plan_builds == [4, 4]
+    assert cache.get(cache.key(**builder.plan_key_parts(4))) is not None  # the rebuilt plan was stored
+
+
+# -- policy ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bucket,batch,max_batch,sizes,expected", [
+    (Bucket.POW2, 1, 8, (), 1), (Bucket.POW2, 3, 8, (), 4), (Bucket.POW2, 5, 8, (), 8),
+    (Bucket.POW2, 8, 8, (), 8), (Bucket.POW2, 33, 48, (), 48), (Bucket.POW2, 17, 48, (), 32),
+    (Bucket.EXACT, 7, 8, (), 7), (Bucket.LIST, 3, 64, (4, 16), 4), (Bucket.LIST, 16, 64, (4, 16), 16),
+    (Bucket.LIST, 17, 64, (4, 16), 64), (Bucket.LIST, 1, 64, (4, 16), 4),
+])
+def test_bucket_capacity(bucket, batch, max_batch, sizes, expected):
+    assert bucket_capacity(bucket, batch, max_batch, sizes) == expected
+
+
+def test_policy_validation_and_from_config():
+    from service.proto import model_config_pb2
+
+    with pytest.raises(ConfigError, match="bucket_sizes"):
+        EnginePolicy(bucket="LIST")
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        EnginePolicy(mode="SOMETIMES")
+    with pytest.raises(ConfigError, match="exceed the model's max_batch_size 8"):
+        EngineRegistry(FakeBuilder(), EnginePolicy(warmup_batch_sizes=(16,)), max_batch_size=8)
+    defaults = EnginePolicy(mode="MULTI", max_pool_bytes=1 << 20)
+    assert from_config(model_config_pb2.EnginePolicy(), defaults) == defaults
+    msg = model_config_pb2.EnginePolicy(
+        mode=model_config_pb2.REUSE, bucket=model_config_pb2.LIST, bucket_sizes=[16, 4],
+        rebuild=model_config_pb2.BLOCKING, max_engines=3, warmup_batch_sizes=[4],
+        max_pool_bytes=4096, pool_growth=model_config_pb2.EXACT_FIT,
+    )
+    assert from_config(msg, defaults) == EnginePolicy(
+        mode=Mode.REUSE, bucket=Bucket.LIST, bucket_sizes=(4, 16), rebuild=Rebuild.BLOCKING,
+        max_engines=3, warmup_batch_sizes=(4,), max_pool_bytes=4096, pool_growth="exact",
+    )
+
+
+@pytest.mark.gpu
+def test_device_engine_runs_on_cuda_pool_buffers_with_chunks():
+    rt = pytest.importorskip("cuda.bindings.runtime")
+    from service.memory.allocators import CudaAllocator
+
+    alloc = CudaAllocator(0)
+
+    class CopyEngine:
+        """y = x on the device, on the allocator's stream (a stand-in for a TensorRT engine)."""
+
+        buffer_memory = "device"
+
+        def __init__(self, capacity):
+            self.capacity, self.calls = capacity, []
+
+        def run_into(self, inputs, outputs):
+            x, y = inputs["x"], outputs["y"]
+            assert x.shape[0] <= self.capacity and x.shape == y.shape
+            self.calls.append(x.shape[0])
+            err, = rt.cudaMemcpyAsync(y.ptr, x.ptr, x.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                                      alloc.stream)
+            assert err == rt.cudaError_t.cudaSuccess
+
+        def close(self):
+            pass
+
+    class Builder:
+        backend = "copy"
+
+        def __init__(self):
+            self.engines, self.fail = [], set()
+
+        def build(self, capacity):
+            if capacity in self.fail:
+                raise RuntimeError(f"no engine of {capacity} today")
+            self.engines.append(CopyEngine(capacity))
+            return self.engines[-1]
+
+    builder = Builder()
+    registry = EngineRegistry(builder, EnginePolicy(rebuild="BLOCKING", warmup_batch_sizes=(2,)),
+                              max_batch_size=8)
+    registry.warm_up()
+    pool = BufferPool([PoolTensor("x", F4, (ROW,))], [PoolTensor("y", F4, (ROW,))], allocator=alloc)
+    builder.fail.add(8)
+    for batch in [1, 2, 5]:  # 5: the build of 8 fails, the batch runs in chunks of 2 on the device
+        bufs = pool.views(batch)
+        x = np.random.default_rng(batch).standard_normal((batch, ROW), dtype=np.float32)
+        bufs.inputs["x"][...] = x
+        bufs.outputs["y"][...] = 0
+        registry.execute(batch, bufs)
+        np.testing.assert_array_equal(bufs.outputs["y"], x)
+    assert builder.engines[0].calls == [1, 2, 2, 2, 1]
+    pool.close()
+    alloc.close()
