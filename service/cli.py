@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "intra-op-threads", "ONNX Runtime threads per model on the CPU (0 = its default)", type=int,
          default=_DEFAULTS.intra_op_threads)
     _add(serve, "log-level", "debug, info, warning or error", default=_DEFAULTS.log_level)
+    _add(serve, "engine-mode", "default engine_policy.mode: REUSE keeps one engine per model, MULTI one per "
+         "bucket (TRTSERVE_MULTI_ENGINE=1 also selects MULTI)", type=str.upper, choices=["REUSE", "MULTI"],
+         default="MULTI" if os.environ.get("TRTSERVE_MULTI_ENGINE") == "1" else _DEFAULTS.engine_mode)
+    _add(serve, "engine-bucket", "default engine_policy.bucket: capacity of a new engine (POW2 or EXACT)",
+         type=str.upper, choices=["POW2", "EXACT"], default=_DEFAULTS.engine_bucket)
+    _add(serve, "engine-rebuild", "default engine_policy.rebuild: BACKGROUND serves an oversize batch in chunks "
+         "while the larger engine builds; BLOCKING waits for it", type=str.upper,
+         choices=["BACKGROUND", "BLOCKING"], default=_DEFAULTS.engine_rebuild)
 
     build = sub.add_parser("build", help="build engine plans into the cache ahead of time (init containers)")
     _add(build, "model-repository", "path of the model repository", required=_env("model-repository", None) is None)
@@ -83,6 +91,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_request_bytes=int(args.max_request_bytes),
         intra_op_threads=int(args.intra_op_threads),
         log_level=str(args.log_level),
+        engine_mode=args.engine_mode,
+        engine_bucket=args.engine_bucket,
+        engine_rebuild=args.engine_rebuild,
     )
 
 

@@ -116,6 +116,12 @@ class ModelRepository:
         model_path = served[version]
         if config.backend == "onnxruntime" or model_path.suffix == ".onnx":
             check_onnx_model(model_path, config, config_path)
+        if config.backend == "onnxruntime":
+            for kind, tensors in (("input", config.input), ("output", config.output)):
+                for i, t in enumerate(tensors):
+                    if datatype_of(t.data_type) == "BF16":
+                        raise ConfigError(f"{config_path}: {kind}[{i}].data_type: BF16 is not supported by the "
+                                          "onnxruntime backend (its Python API cannot exchange bfloat16)")
 
         def specs(tensors: Iterable) -> tuple[TensorSpec, ...]:
             return tuple(TensorSpec(t.name, datatype_of(t.data_type), tuple(t.dims)) for t in tensors)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -23,4 +23,6 @@ class ServerSettings:
     max_request_bytes: int = 64 << 20
     intra_op_threads: int = 0
     log_level: str = "info"
-    extra: dict[str, str] = field(default_factory=dict)
+    engine_mode: str = "REUSE"  # server default for engine_policy.mode; TRTSERVE_MULTI_ENGINE=1 -> MULTI
+    engine_bucket: str = "POW2"
+    engine_rebuild: str = "BACKGROUND"

@@ -28,7 +28,8 @@ def test_every_flag_has_an_environment_variable(monkeypatch):
         "TRTSERVE_LOAD_MODEL": "tiny mlp", "TRTSERVE_ENGINE_CACHE_DIR": "/cache",
         "TRTSERVE_SHUTDOWN_GRACE_SECONDS": "5", "TRTSERVE_WORKER_START_TIMEOUT_SECONDS": "7",
         "TRTSERVE_SHM_BYTES_PER_MODEL": "1048576", "TRTSERVE_MAX_REQUEST_BYTES": "2048",
-        "TRTSERVE_INTRA_OP_THREADS": "2", "TRTSERVE_LOG_LEVEL": "debug",
+        "TRTSERVE_INTRA_OP_THREADS": "2", "TRTSERVE_LOG_LEVEL": "debug", "TRTSERVE_ENGINE_MODE": "multi",
+        "TRTSERVE_ENGINE_BUCKET": "EXACT", "TRTSERVE_ENGINE_REBUILD": "BLOCKING",
     }
     s = _settings(["serve"], monkeypatch, env)
     assert s.model_repository == Path("/models") and s.host == "127.0.0.1"
@@ -36,9 +37,15 @@ def test_every_flag_has_an_environment_variable(monkeypatch):
     assert s.load_models == ("tiny", "mlp") and s.engine_cache_dir == Path("/cache")
     assert (s.shutdown_grace_seconds, s.worker_start_timeout_seconds) == (5.0, 7.0)
     assert (s.shm_bytes_per_model, s.max_request_bytes, s.intra_op_threads, s.log_level) == (1048576, 2048, 2, "debug")
+    assert (s.engine_mode, s.engine_bucket, s.engine_rebuild) == ("MULTI", "EXACT", "BLOCKING")
     # every serve flag is covered above
     flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions} - {"help"}
     assert {f"TRTSERVE_{f.upper()}" for f in flags} == set(env)
+
+
+def test_multi_engine_switch(monkeypatch):
+    s = _settings(["serve", "--model-repository", "r"], monkeypatch, {"TRTSERVE_MULTI_ENGINE": "1"})
+    assert s.engine_mode == "MULTI"
 
 
 def test_flag_beats_environment(monkeypatch):

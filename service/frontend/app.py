@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from service.engines.policy import EnginePolicy
 from service.errors import ServeError
 from service.frontend.errors import ErrorInterceptor
 from service.frontend.health import Health
@@ -64,7 +65,9 @@ async def start(settings: ServerSettings) -> RunningServer:
     manager = ModelManager(
         ModelRepository(settings.model_repository),
         WorkerOptions(intra_op_threads=settings.intra_op_threads, engine_cache_dir=settings.engine_cache_dir,
-                      log_level=settings.log_level),
+                      log_level=settings.log_level,
+                      default_policy=EnginePolicy(mode=settings.engine_mode, bucket=settings.engine_bucket,
+                                                  rebuild=settings.engine_rebuild)),
         SupervisorSettings(shm_bytes=settings.shm_bytes_per_model,
                            start_timeout_s=settings.worker_start_timeout_seconds),
         metrics, on_ready_change=ready_changed,

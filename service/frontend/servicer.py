@@ -105,7 +105,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             rows = inputs[0].shape[0] if spec.max_batch_size > 0 and inputs else 1
             self._metrics.add_pending(spec.name, spec.version, 1)
             try:
-                outputs, _ = await handle.infer(inputs, output_names, timeout_s)
+                outputs = await handle.infer(inputs, output_names, timeout_s)
             finally:
                 self._metrics.add_pending(spec.name, spec.version, -1)
             return codec.encode_response(request, spec, outputs)

@@ -1,56 +1,174 @@
-"""What a worker runs a request on: the model's engine (and, with batching, its registry and pool)."""
+"""What a worker runs batches on: the model's engine registry and buffer pool.
+
+A batch of requests is gathered row-wise straight into the pool's input buffers, executed by the
+registry (which picks, builds and reuses engines by capacity), and each request's rows are read
+back out of the pool's output buffers. Models without a batch dimension bypass registry and pool.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service.datatypes import numpy_dtype
 from service.engines.base import Engine, EngineBuilder
-from service.errors import ConfigError, InternalError
+from service.engines.plan_cache import PlanCache
+from service.engines.policy import from_config
+from service.engines.registry import EngineRegistry
+from service.errors import ConfigError, InternalError, ResourceExhausted, ServeError
+from service.memory.allocators import HostAllocator
+from service.memory.pool import BufferPool, split_poolable
+from service.metrics import WorkerStats
 from service.repository import ModelSpec
 
 if TYPE_CHECKING:
     from service.workers.worker import WorkerOptions
 
 
-def make_builder(spec: ModelSpec, options: WorkerOptions) -> EngineBuilder:
-    """The engine builder for the model's backend; imports only the backend in use."""
-    if spec.backend == "onnxruntime":
-        from service.engines.onnxruntime_backend import OnnxRuntimeBuilder
+@dataclass
+class BatchTimes:
+    """Seconds spent gathering inputs, running engines and reading outputs for one executed batch."""
 
-        return OnnxRuntimeBuilder(spec, intra_op_threads=options.intra_op_threads)
-    raise ConfigError(f"model '{spec.name}': backend '{spec.backend}' is not supported by this server")
+    input_s: float = 0.0
+    infer_s: float = 0.0
+    output_s: float = 0.0
+
+
+@dataclass
+class Item:
+    """One request of a batch: its input arrays (views of shared memory) and, after the run, its outputs."""
+
+    rows: int
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    error: ServeError | None = None
+
+
+def _gpu_id(spec: ModelSpec) -> int:
+    groups = [g for g in spec.config.instance_group if g.gpus]
+    return groups[0].gpus[0] if groups else 0
 
 
 class ModelRuntime:
-    """Runs requests for one model inside its worker."""
+    """Runs batches for one model inside its worker; reports engine and pool figures to `stats`."""
 
-    def __init__(self, spec: ModelSpec, options: WorkerOptions) -> None:
+    def __init__(self, spec: ModelSpec, options: WorkerOptions, stats: WorkerStats) -> None:
         self.spec = spec
-        self._builder = make_builder(spec, options)
-        self._engine: Engine = self._builder.build(max(spec.max_batch_size, 1))
+        self.stats = stats
+        self._allocator = self._make_allocator()
+        self._builder = self._make_builder(options)
+        self._engine: Engine | None = None
+        self.pool: BufferPool | None = None
+        self.registry: EngineRegistry | None = None
+        if spec.max_batch_size == 0:
+            self._engine = self._builder.build(1)
+            return
+        policy = from_config(spec.config.engine_policy, options.default_policy)
+        pooled_in, _ = split_poolable(spec.inputs)
+        pooled_out, _ = split_poolable(spec.outputs)
+        self.pool = BufferPool(pooled_in, pooled_out, growth=policy.pool_growth,
+                               max_pool_bytes=policy.max_pool_bytes, max_rows=spec.max_batch_size,
+                               allocator=self._allocator, model=spec.name)
+        cache = PlanCache(options.engine_cache_dir, self._on_event) if options.engine_cache_dir else None
+        self.registry = EngineRegistry(self._builder, policy, spec.max_batch_size, cache, self._on_event)
+        self.registry.warm_up()
+        self._grows = 0
+        self.refresh_gauges()
 
-    def execute(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
-        """Run one request; returns the requested outputs, checked to have one row per input row."""
-        rows = next(iter(inputs.values())).shape[0] if self.spec.max_batch_size > 0 else None
-        if rows == 0:  # an empty batch needs no engine
-            return {name: _empty(self.spec, name) for name in output_names}
-        outputs = self._engine.run(inputs)
-        if rows is not None:
-            for name in output_names:
-                if outputs[name].shape[:1] != (rows,):
-                    raise InternalError(
-                        f"model '{self.spec.name}' returned {outputs[name].shape[0]} rows for output '{name}' "
-                        f"but the request had {rows}"
-                    )
-        return {name: outputs[name] for name in output_names}
+    def _make_allocator(self) -> Any:
+        if self.spec.use_gpu and self.spec.backend == "tensorrt":
+            from service.memory.allocators import CudaAllocator
+
+            return CudaAllocator(_gpu_id(self.spec))
+        return HostAllocator()
+
+    def _make_builder(self, options: WorkerOptions) -> EngineBuilder:
+        """The engine builder for the model's backend; imports only the backend in use."""
+        if self.spec.backend == "onnxruntime":
+            from service.engines.onnxruntime_backend import OnnxRuntimeBuilder
+
+            return OnnxRuntimeBuilder(self.spec, intra_op_threads=options.intra_op_threads)
+        if self.spec.backend == "tensorrt":
+            from service.engines.tensorrt_backend import TensorRTBuilder
+
+            return TensorRTBuilder.from_spec(self.spec, cache_dir=options.engine_cache_dir,
+                                             device=_gpu_id(self.spec),
+                                             stream=getattr(self._allocator, "stream", None))
+        raise ConfigError(f"model '{self.spec.name}': backend '{self.spec.backend}' is not supported")
+
+    def _on_event(self, kind: str, **fields: Any) -> None:
+        # Called from build threads too; WorkerStats is thread-safe.
+        if kind == "build":
+            self.stats.record_build(fields["reason"], float(fields.get("duration_s", 0.0)))
+
+    def refresh_gauges(self) -> None:
+        """Engine and pool gauges, sampled from the compute loop."""
+        if self.registry is None or self.pool is None:
+            return
+        s = self.registry.stats()
+        self.stats.set_engines(s["engines_live"], s["max_capacity"], s["engine_device_bytes"])
+        self.stats.set_pool(self.pool.bytes_by_memory(), self.pool.max_pool_bytes or 0)
+        if self.pool.grows > self._grows:
+            self.stats.record_pool_grow(self.pool.grows - self._grows)
+            self._grows = self.pool.grows
+
+    def run(self, items: list[Item]) -> BatchTimes:
+        """Execute the items as one batch; sets each item's outputs, or its error."""
+        times = BatchTimes()
+        if self.registry is None:
+            for item in items:  # no batch dimension: one request per execution
+                t0 = time.perf_counter()
+                item.outputs = self._engine.run(item.inputs)
+                times.infer_s += time.perf_counter() - t0
+            return times
+        try:
+            self._run_batch(items, times)
+        except ResourceExhausted:
+            if len(items) == 1:
+                raise
+            # The merged batch is over the pool cap: each request alone may still fit.
+            for item in items:
+                try:
+                    self._run_batch([item], times)
+                except ServeError as exc:
+                    item.error = exc
+        return times
+
+    def _run_batch(self, items: list[Item], times: BatchTimes) -> None:
+        t0 = time.perf_counter()
+        rows = sum(i.rows for i in items)
+        bufs = self.pool.views(rows)
+        starts = np.cumsum([0] + [i.rows for i in items])
+        for t in self.spec.inputs:
+            if t.name in bufs.inputs:
+                view = bufs.inputs[t.name]
+                for item, start in zip(items, starts):
+                    view[start:start + item.rows] = item.inputs[t.name]
+            else:
+                bufs.inputs[t.name] = np.concatenate([i.inputs[t.name] for i in items])
+        t1 = time.perf_counter()
+        extra = self.registry.execute(rows, bufs)
+        t2 = time.perf_counter()
+        outputs = {**bufs.outputs, **extra}
+        for name, array in outputs.items():
+            if array.shape[0] != rows:
+                raise InternalError(f"model '{self.spec.name}' returned {array.shape[0]} rows for output "
+                                    f"'{name}' but the batch had {rows}")
+        for item, start in zip(items, starts):
+            item.outputs = {name: array[start:start + item.rows] for name, array in outputs.items()}
+        times.input_s += t1 - t0
+        times.infer_s += t2 - t1
+        times.output_s += time.perf_counter() - t2
+
+    def empty_outputs(self) -> dict[str, np.ndarray]:
+        """Outputs of a 0-row request: nothing is built or run."""
+        return {t.name: np.empty((0, *(max(d, 0) for d in t.dims)), dtype=numpy_dtype(t.datatype))
+                for t in self.spec.outputs}
 
     def close(self) -> None:
-        self._engine.close()
-
-
-def _empty(spec: ModelSpec, name: str) -> np.ndarray:
-    out = next(t for t in spec.outputs if t.name == name)
-    return np.empty((0, *(max(d, 0) for d in out.dims)), dtype=numpy_dtype(out.datatype))
+        for part in (self.registry, self._engine, self.pool, self._allocator):
+            if part is not None:
+                part.close()

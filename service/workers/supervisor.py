@@ -110,10 +110,7 @@ class WorkerHandle:
         self._set_ready(False)
         process = self._process
         if process is not None and process.is_alive():
-            try:
-                protocol.send(self._conn, {"op": protocol.STOP})
-            except OSError:
-                pass
+            self._send_quietly({"op": protocol.STOP})
             deadline = time.monotonic() + timeout_s
             while process.is_alive() and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
@@ -215,8 +212,8 @@ class WorkerHandle:
 
     # -- requests ----------------------------------------------------------------------------
     async def infer(self, inputs: list[WireTensor], output_names: list[str],
-                    timeout_s: float | None = None) -> tuple[list[WireTensor], float]:
-        """Run one request in the worker; returns the outputs and the worker's compute seconds."""
+                    timeout_s: float | None = None) -> list[WireTensor]:
+        """Run one request in the worker. `timeout_s` (the client's deadline) bounds its time in the queue."""
         if not self.ready or self._conn is None:
             raise Unavailable(f"model '{self.spec.name}' is not ready")
         arena = self._arena
@@ -238,13 +235,15 @@ class WorkerHandle:
             pending = _Pending(asyncio.get_running_loop().create_future(), offset, nbytes)
             self._pending[request_id] = pending
             protocol.send(self._conn, {"op": protocol.INFER, "id": request_id, "inputs": refs,
-                                       "outputs": output_names, "out_offset": cursor, "out_nbytes": out_bytes})
+                                       "outputs": output_names, "out_offset": cursor, "out_nbytes": out_bytes,
+                                       "timeout_s": timeout_s})
             try:
                 header, payload = await pending.future
             except asyncio.CancelledError:
                 if self._pending.get(request_id) is pending:
                     pending.abandoned = True  # the worker may still write into the block
                     owned = False
+                    self._send_quietly({"op": protocol.CANCEL, "id": request_id})
                 raise
             if header["op"] == protocol.ERROR:
                 raise ServeError.from_wire(header["error"])
@@ -254,10 +253,17 @@ class WorkerHandle:
                 src = payload if ref.inline else arena.buf
                 outputs.append(WireTensor(ref.name, ref.datatype, ref.shape,
                                           bytes(src[ref.offset:ref.offset + ref.nbytes])))
-            return outputs, float(header.get("compute_s", 0.0))
+            return outputs
         finally:
             if owned:
                 arena.free(offset, nbytes)
+
+    def _send_quietly(self, header: dict[str, Any]) -> None:
+        try:
+            if self._conn is not None:
+                protocol.send(self._conn, header)
+        except OSError:
+            pass  # the worker is gone; its exit fails what is pending
 
     def _output_bytes(self, inputs: list[WireTensor], output_names: list[str]) -> int:
         """Room for outputs whose size is known up front; the rest travels inline."""

@@ -1,8 +1,9 @@
-"""The model worker process: receives requests from the parent, runs them, answers.
+"""The model worker process: receives requests from the parent, batches and runs them, answers.
 
-Two threads: a receiver that reads frames from the parent's pipe and queues work, and the compute loop
-(the main thread) that runs it and sends every answer, heartbeats included, so a stuck compute loop shows
-as missing heartbeats. When the parent dies the pipe closes and the worker exits: no orphans.
+Two threads: a receiver that reads frames from the parent's pipe and queues requests in the dynamic
+batcher, and the compute loop (the main thread) that executes batches and sends every answer,
+heartbeats included, so a stuck compute loop shows as missing heartbeats. When the parent dies the
+pipe closes and the worker exits: no orphans.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,17 @@ from typing import Any
 import numpy as np
 
 from service import tensors
-from service.errors import InternalError, ServeError
+from service.batching import BatcherSettings, DynamicBatcher, QueuedRequest
+from service.engines.policy import EnginePolicy
+from service.errors import Cancelled, DeadlineExceeded, InternalError, ServeError
+from service.metrics import WorkerStats
 from service.repository import ModelSpec
 from service.workers import protocol
-from service.workers.runtime import ModelRuntime
+from service.workers.runtime import Item, ModelRuntime
 from service.workers.shm import attach
 
 log = logging.getLogger("trtserve.worker")
+STATS_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,33 @@ class WorkerOptions:
     intra_op_threads: int = 0
     engine_cache_dir: Path | None = None
     log_level: str = "INFO"
+    default_policy: EnginePolicy = field(default_factory=EnginePolicy)
 
 
 @dataclass
 class _Job:
+    """One request as the worker holds it: the parent's header and its input views."""
+
     id: int
     header: dict[str, Any]
+    rows: int
+    inputs: dict[str, np.ndarray]
+
+
+class _Channel:
+    """The pipe to the parent, written from both threads."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, header: dict[str, Any], payload: bytes | None = None) -> None:
+        frame = protocol.encode(header, payload)
+        with self._lock:
+            self.conn.send_bytes(frame)
+
+    def error(self, request_id: int, exc: ServeError) -> None:
+        self.send({"op": protocol.ERROR, "id": request_id, "error": exc.to_wire()})
 
 
 def main(spec: ModelSpec, options: WorkerOptions, conn: Connection, arena_name: str) -> None:
@@ -54,89 +80,144 @@ def main(spec: ModelSpec, options: WorkerOptions, conn: Connection, arena_name: 
     logging.basicConfig(level=options.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker[{spec.name}] %(message)s")
     shm = attach(arena_name)
+    channel = _Channel(conn)
+    stats = WorkerStats()
     try:
-        runtime = ModelRuntime(spec, options)
+        runtime = ModelRuntime(spec, options, stats)
+        batcher = DynamicBatcher(BatcherSettings.for_model(spec.config))
     except ServeError as exc:
-        protocol.send(conn, {"op": protocol.FAILED, "error": exc.to_wire()})
+        channel.send({"op": protocol.FAILED, "error": exc.to_wire()})
         return
     except Exception as exc:  # a backend failing to load must reach the parent as a message
         log.exception("model failed to load")
-        protocol.send(conn, {"op": protocol.FAILED, "error": InternalError(f"{type(exc).__name__}: {exc}").to_wire()})
+        channel.send({"op": protocol.FAILED, "error": InternalError(f"{type(exc).__name__}: {exc}").to_wire()})
         return
-    protocol.send(conn, {"op": protocol.READY, "pid": os.getpid()})
-    jobs: queue.Queue[_Job | None] = queue.Queue()
-    threading.Thread(target=_receive, args=(conn, jobs), name="receiver", daemon=True).start()
+    channel.send({"op": protocol.READY, "pid": os.getpid()})
+    pings: queue.SimpleQueue[int] = queue.SimpleQueue()
+    receiver = _Receiver(channel, shm.buf, runtime, batcher, pings)
+    threading.Thread(target=receiver.run, name="receiver", daemon=True).start()
     try:
-        _compute_loop(runtime, conn, shm.buf, jobs)
+        _compute_loop(runtime, batcher, channel, shm.buf, pings, stats)
     finally:
         runtime.close()
+        del receiver
         shm.close()
 
 
-def _receive(conn: Connection, jobs: queue.Queue[_Job | None]) -> None:
-    while True:
+class _Receiver:
+    """Reads the parent's frames and turns them into queued requests, pings and cancellations."""
+
+    def __init__(self, channel: _Channel, buf: memoryview, runtime: ModelRuntime, batcher: DynamicBatcher,
+                 pings: queue.SimpleQueue[int]) -> None:
+        self.channel, self.buf, self.runtime, self.batcher, self.pings = channel, buf, runtime, batcher, pings
+        self.batched = runtime.spec.max_batch_size > 0
+
+    def run(self) -> None:
+        while True:
+            try:
+                header, _ = protocol.decode(self.channel.conn.recv_bytes())
+            except (EOFError, OSError):
+                os._exit(0)  # the parent is gone; nobody is left to answer
+            op = header.get("op")
+            if op == protocol.STOP:
+                self.batcher.close()
+                return
+            if op == protocol.PING:
+                self.pings.put(int(header["id"]))
+                self.batcher.poke()
+            elif op == protocol.CANCEL:
+                for req in self.batcher.cancel(lambda r, i=int(header["id"]): r.payload.id == i):
+                    self.channel.error(req.payload.id, Cancelled("request cancelled while queued"))
+            elif op == protocol.INFER:
+                self._infer(header)
+
+    def _infer(self, header: dict[str, Any]) -> None:
+        request_id = int(header["id"])
         try:
-            header, _ = protocol.recv(conn)
-        except (EOFError, OSError):
-            os._exit(0)  # the parent is gone; nobody is left to answer
-        op = header.get("op")
-        if op == protocol.STOP:
-            jobs.put(None)
-            return
-        jobs.put(_Job(int(header.get("id", 0)), header))
+            refs = [protocol.TensorRef.from_json(item) for item in header["inputs"]]
+            inputs = {r.name: tensors.to_array(r.datatype, r.shape, self.buf[r.offset:r.offset + r.nbytes],
+                                               name=r.name) for r in refs}
+            rows = refs[0].shape[0] if self.batched and refs else 1
+            job = _Job(request_id, header, rows, inputs)
+            if rows == 0:  # an empty batch needs no engine
+                _reply(self.channel, self.runtime.spec, self.buf, job, self.runtime.empty_outputs())
+                return
+            timeout = header.get("timeout_s")
+            deadline = time.monotonic() + float(timeout) if timeout is not None else None
+            self.batcher.submit(QueuedRequest(rows=rows, deadline=deadline, payload=job))
+        except ServeError as exc:
+            self.channel.error(request_id, exc)
 
 
-def _compute_loop(runtime: ModelRuntime, conn: Connection, buf: memoryview, jobs: queue.Queue[_Job | None]) -> None:
-    while (job := jobs.get()) is not None:
-        op = job.header.get("op")
-        if op == protocol.PING:
-            protocol.send(conn, {"op": protocol.PONG, "id": job.id})
-        elif op == protocol.INFER:
-            _infer(runtime, conn, buf, job)
+def _compute_loop(runtime: ModelRuntime, batcher: DynamicBatcher, channel: _Channel, buf: memoryview,
+                  pings: queue.SimpleQueue[int], stats: WorkerStats) -> None:
+    last_stats = 0.0
+    while not batcher.closed or batcher.queued_requests:
+        batch = batcher.next_batch(timeout=STATS_INTERVAL_S)
+        while not pings.empty():
+            channel.send({"op": protocol.PONG, "id": pings.get()})
+        for req in batch.expired:
+            channel.error(req.payload.id, DeadlineExceeded("deadline passed while the request was queued"))
+        if batch.requests:
+            _execute(runtime, batch.requests, channel, buf, stats)
+        now = time.monotonic()
+        if now - last_stats >= STATS_INTERVAL_S:
+            runtime.refresh_gauges()
+            if report := stats.drain():
+                channel.send({"op": protocol.STATS, "stats": report})
+            last_stats = now
 
 
-def _infer(runtime: ModelRuntime, conn: Connection, buf: memoryview, job: _Job) -> None:
-    header = job.header
-    started = time.perf_counter()
+def _execute(runtime: ModelRuntime, requests: tuple[QueuedRequest, ...], channel: _Channel, buf: memoryview,
+             stats: WorkerStats) -> None:
+    jobs: list[_Job] = [r.payload for r in requests]
+    items = [Item(job.rows, job.inputs) for job in jobs]
+    started = time.monotonic()
     try:
-        refs = [protocol.TensorRef.from_json(item) for item in header["inputs"]]
-        inputs = {
-            ref.name: tensors.to_array(ref.datatype, ref.shape, buf[ref.offset:ref.offset + ref.nbytes])
-            for ref in refs
-        }
-        outputs = runtime.execute(inputs, header["outputs"])
-        out_refs, payload = _write_outputs(runtime.spec, outputs, buf, header["out_offset"], header["out_nbytes"])
+        times = runtime.run(items)
     except ServeError as exc:
-        protocol.send(conn, {"op": protocol.ERROR, "id": job.id, "error": exc.to_wire()})
+        for job in jobs:
+            channel.error(job.id, exc)
         return
-    except Exception as exc:  # an engine failure fails this request, not the worker
-        log.exception("inference failed")
-        err = InternalError(f"inference failed: {type(exc).__name__}: {exc}")
-        protocol.send(conn, {"op": protocol.ERROR, "id": job.id, "error": err.to_wire()})
+    except Exception as exc:  # an engine failure fails this batch, not the worker
+        log.exception("batch of %d requests failed", len(jobs))
+        for job in jobs:
+            channel.error(job.id, InternalError(f"inference failed: {type(exc).__name__}: {exc}"))
         return
-    finally:
-        inputs = None  # drop views of the parent's block before answering
-    protocol.send(conn, {"op": protocol.RESULT, "id": job.id, "outputs": [r.to_json() for r in out_refs],
-                         "compute_s": time.perf_counter() - started}, payload)
-
-
-def _write_outputs(spec: ModelSpec, outputs: dict[str, np.ndarray], buf: memoryview, offset: int,
-                   room: int) -> tuple[list[protocol.TensorRef], bytes | None]:
-    """Copy outputs into the request's block; what does not fit travels inline."""
-    datatypes = {t.name: t.datatype for t in spec.outputs}
-    refs: list[protocol.TensorRef] = []
-    inline: list[bytes] = []
-    inline_size = 0
-    cursor = offset
-    for name, array in outputs.items():
-        raw = memoryview(tensors.to_raw(array, datatypes[name])).cast("B")
-        n = raw.nbytes
-        if cursor + n <= offset + room:
-            buf[cursor:cursor + n] = raw
-            refs.append(protocol.TensorRef(name, datatypes[name], tuple(array.shape), cursor, n))
-            cursor += n
+    t0 = time.perf_counter()
+    for job, item in zip(jobs, items):
+        if item.error is not None:
+            channel.error(job.id, item.error)
         else:
-            refs.append(protocol.TensorRef(name, datatypes[name], tuple(array.shape), inline_size, n, inline=True))
-            inline.append(bytes(raw))
-            inline_size += n
-    return refs, (b"".join(inline) if inline else None)
+            _reply(channel, runtime.spec, buf, job, item.outputs)
+        job.inputs = {}  # drop views of the parent's block once answered
+    times.output_s += time.perf_counter() - t0
+    stats.record_exec(sum(i.rows for i in items), [started - r.enqueued_at for r in requests],
+                      times.input_s, times.infer_s, times.output_s)
+
+
+def _reply(channel: _Channel, spec: ModelSpec, buf: memoryview, job: _Job, outputs: dict[str, np.ndarray]) -> None:
+    """Copy the requested outputs into the request's block (what does not fit travels inline) and answer."""
+    datatypes = {t.name: t.datatype for t in spec.outputs}
+    offset, room = job.header["out_offset"], job.header["out_nbytes"]
+    refs: list[list[Any]] = []
+    inline: list[bytes] = []
+    inline_size, cursor = 0, offset
+    try:
+        for name in job.header["outputs"]:
+            array = outputs[name]
+            raw = memoryview(tensors.to_raw(array, datatypes[name], name=name)).cast("B")
+            n = raw.nbytes
+            if cursor + n <= offset + room:
+                buf[cursor:cursor + n] = raw
+                refs.append(protocol.TensorRef(name, datatypes[name], tuple(array.shape), cursor, n).to_json())
+                cursor += n
+            else:
+                refs.append(protocol.TensorRef(name, datatypes[name], tuple(array.shape), inline_size, n,
+                                               inline=True).to_json())
+                inline.append(bytes(raw))
+                inline_size += n
+    except ServeError as exc:
+        channel.error(job.id, exc)
+        return
+    channel.send({"op": protocol.RESULT, "id": job.id, "outputs": refs}, b"".join(inline) if inline else None)
