@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "max-request-bytes", "largest gRPC message accepted", type=int, default=_DEFAULTS.max_request_bytes)
     _add(serve, "intra-op-threads", "ONNX Runtime threads per model on the CPU (0 = its default)", type=int,
          default=_DEFAULTS.intra_op_threads)
+    _add(serve, "max-inflight-per-model", "requests one model may hold at once; beyond it new ones get "
+         "RESOURCE_EXHAUSTED at once", type=int, default=_DEFAULTS.max_inflight_per_model)
+    _add(serve, "worker-hang-timeout-seconds", "a worker that answers no heartbeat for this long (it answers "
+         "between batches) is killed and respawned", type=float, default=_DEFAULTS.worker_hang_timeout_seconds)
+    _add(serve, "tls-cert", "PEM certificate chain: serve gRPC over TLS (with --tls-key)", default=None)
+    _add(serve, "tls-key", "PEM private key of --tls-cert", default=None)
+    _add(serve, "tls-client-ca", "PEM CA bundle: require client certificates signed by it (mutual TLS)",
+         default=None)
     _add(serve, "log-level", "debug, info, warning or error", default=_DEFAULTS.log_level)
     _add(serve, "engine-mode", "default engine_policy.mode: REUSE keeps one engine per model, MULTI one per "
          "bucket (TRTSERVE_MULTI_ENGINE=1 also selects MULTI)", type=str.upper, choices=["REUSE", "MULTI"],
@@ -75,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     """Turn parsed `serve` arguments into the settings object passed down the server."""
     return ServerSettings(
@@ -84,12 +96,17 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         metrics_port=int(args.metrics_port),
         model_control_mode=args.model_control_mode,
         load_models=tuple(args.load_model or ()),
-        engine_cache_dir=Path(args.engine_cache_dir) if args.engine_cache_dir else None,
+        engine_cache_dir=_path(args.engine_cache_dir),
         shutdown_grace_seconds=float(args.shutdown_grace_seconds),
         worker_start_timeout_seconds=float(args.worker_start_timeout_seconds),
         shm_bytes_per_model=int(args.shm_bytes_per_model),
         max_request_bytes=int(args.max_request_bytes),
         intra_op_threads=int(args.intra_op_threads),
+        max_inflight_per_model=int(args.max_inflight_per_model),
+        worker_hang_timeout_seconds=float(args.worker_hang_timeout_seconds),
+        tls_cert=_path(args.tls_cert),
+        tls_key=_path(args.tls_key),
+        tls_client_ca=_path(args.tls_client_ca),
         log_level=str(args.log_level),
         engine_mode=args.engine_mode,
         engine_bucket=args.engine_bucket,
@@ -98,8 +115,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "serve":
+        if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+            parser.error("--tls-cert and --tls-key go together, and --tls-client-ca needs them")
         from service.frontend.app import serve
 
         return serve(settings_from_args(args))

@@ -22,6 +22,11 @@ class ServerSettings:
     shm_bytes_per_model: int = 64 << 20
     max_request_bytes: int = 64 << 20
     intra_op_threads: int = 0
+    max_inflight_per_model: int = 1024
+    worker_hang_timeout_seconds: float = 120.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: clients must present a certificate signed by it (mutual TLS)
     log_level: str = "info"
     engine_mode: str = "REUSE"  # server default for engine_policy.mode; TRTSERVE_MULTI_ENGINE=1 -> MULTI
     engine_bucket: str = "POW2"

@@ -16,7 +16,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
-_LISTENING = re.compile(r"trtserve listening: grpc [^ ]+:(\d+), metrics (?:[^ ]+:(\d+)|off)")
+_LISTENING = re.compile(r"trtserve listening: grpc(?:\+tls)? [^ ]+:(\d+), metrics (?:[^ ]+:(\d+)|off)")
 
 
 class ServerProcess:

@@ -30,6 +30,8 @@ def test_every_flag_has_an_environment_variable(monkeypatch):
         "TRTSERVE_SHM_BYTES_PER_MODEL": "1048576", "TRTSERVE_MAX_REQUEST_BYTES": "2048",
         "TRTSERVE_INTRA_OP_THREADS": "2", "TRTSERVE_LOG_LEVEL": "debug", "TRTSERVE_ENGINE_MODE": "multi",
         "TRTSERVE_ENGINE_BUCKET": "EXACT", "TRTSERVE_ENGINE_REBUILD": "BLOCKING",
+        "TRTSERVE_MAX_INFLIGHT_PER_MODEL": "9", "TRTSERVE_WORKER_HANG_TIMEOUT_SECONDS": "11",
+        "TRTSERVE_TLS_CERT": "/c.pem", "TRTSERVE_TLS_KEY": "/k.pem", "TRTSERVE_TLS_CLIENT_CA": "/ca.pem",
     }
     s = _settings(["serve"], monkeypatch, env)
     assert s.model_repository == Path("/models") and s.host == "127.0.0.1"
@@ -38,6 +40,8 @@ def test_every_flag_has_an_environment_variable(monkeypatch):
     assert (s.shutdown_grace_seconds, s.worker_start_timeout_seconds) == (5.0, 7.0)
     assert (s.shm_bytes_per_model, s.max_request_bytes, s.intra_op_threads, s.log_level) == (1048576, 2048, 2, "debug")
     assert (s.engine_mode, s.engine_bucket, s.engine_rebuild) == ("MULTI", "EXACT", "BLOCKING")
+    assert (s.max_inflight_per_model, s.worker_hang_timeout_seconds) == (9, 11.0)
+    assert (s.tls_cert, s.tls_key, s.tls_client_ca) == (Path("/c.pem"), Path("/k.pem"), Path("/ca.pem"))
     # every serve flag is covered above
     flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions} - {"help"}
     assert {f"TRTSERVE_{f.upper()}" for f in flags} == set(env)

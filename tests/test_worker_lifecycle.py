@@ -137,3 +137,51 @@ def test_server_killed_leaves_no_orphans(example_repo):
     # Workers see their pipe close and exit; Python's resource tracker unlinks the arenas.
     _wait(lambda: _gone(workers), 15, "orphaned workers to exit")
     _wait(lambda: shm_segments(server.proc.pid) == [], 15, "shared memory to be removed")
+
+
+def test_hung_worker_is_killed_and_respawned(example_repo):
+    with start(example_repo, ["--model-control-mode", "explicit", "--load-model", "tiny",
+                              "--worker-hang-timeout-seconds", "2"]) as server:
+        client = grpcclient.InferenceServerClient(server.url)
+        victim = server.worker_pid("tiny")
+        os.kill(victim, signal.SIGSTOP)  # alive but silent: no heartbeat answers, no results
+        t0 = time.monotonic()
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("tiny", _tiny_input()[1], client_timeout=30)
+        assert err.value.status() == "StatusCode.UNAVAILABLE"
+        assert time.monotonic() - t0 < 10, "the stuck worker must be detected within the hang timeout"
+        _wait(lambda: server.worker_pid("tiny") != victim, 20, "a new worker")
+        _wait(lambda: client.is_model_ready("tiny"), 20, "the model to be ready again")
+        x, inputs = _tiny_input()
+        assert client.infer("tiny", inputs).as_numpy("y").shape == x.shape
+        assert any("answered no heartbeat" in line for line in server.lines)
+
+
+def test_inflight_limit_refuses_at_once(example_repo):
+    with start(example_repo, ["--model-control-mode", "explicit", "--load-model", "convnet",
+                              "--max-inflight-per-model", "2"]) as server:
+        x = np.zeros((32, 16, 32, 32), np.float32)
+        inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        results: list[str] = []
+        lock = threading.Lock()
+
+        def one() -> None:
+            c = grpcclient.InferenceServerClient(server.url)
+            t0 = time.monotonic()
+            try:
+                c.infer("convnet", [inp], client_timeout=60)
+                status = "OK"
+            except InferenceServerException as exc:
+                fast_and_clear = "in flight" in exc.message() and time.monotonic() - t0 < 5
+                status = exc.status() if fast_and_clear else f"{exc.status()}: {exc.message()}"
+            with lock:
+                results.append(status)
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert results.count("StatusCode.RESOURCE_EXHAUSTED") >= 1 and results.count("OK") >= 2
+        assert set(results) <= {"OK", "StatusCode.RESOURCE_EXHAUSTED"}

@@ -69,7 +69,10 @@ async def start(settings: ServerSettings) -> RunningServer:
                       default_policy=EnginePolicy(mode=settings.engine_mode, bucket=settings.engine_bucket,
                                                   rebuild=settings.engine_rebuild)),
         SupervisorSettings(shm_bytes=settings.shm_bytes_per_model,
-                           start_timeout_s=settings.worker_start_timeout_seconds),
+                           start_timeout_s=settings.worker_start_timeout_seconds,
+                           hang_timeout_s=settings.worker_hang_timeout_seconds,
+                           heartbeat_interval_s=min(2.0, settings.worker_hang_timeout_seconds / 4),
+                           max_inflight=settings.max_inflight_per_model),
         metrics, on_ready_change=ready_changed,
     )
     limits = [("grpc.max_receive_message_length", settings.max_request_bytes),
@@ -79,14 +82,19 @@ async def start(settings: ServerSettings) -> RunningServer:
         InferenceServicer(manager, metrics, health, settings), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     _enable_reflection(server)
-    grpc_port = server.add_insecure_port(f"{_bracket(settings.host)}:{settings.grpc_port}")
+    address = f"{_bracket(settings.host)}:{settings.grpc_port}"
+    if settings.tls_cert:
+        grpc_port = server.add_secure_port(address, _tls_credentials(settings))
+    else:
+        grpc_port = server.add_insecure_port(address)
     if grpc_port == 0:
         raise OSError(f"could not bind gRPC port {settings.host}:{settings.grpc_port}")
     await server.start()
     endpoint = None
     if settings.metrics_port >= 0:
         endpoint = start_http_server(settings.metrics_port, settings.host, metrics.registry)
-    log.info("trtserve listening: grpc %s:%d, metrics %s", settings.host, grpc_port,
+    log.info("trtserve listening: grpc%s %s:%d, metrics %s", "+tls" if settings.tls_cert else "", settings.host,
+             grpc_port,
              f"{settings.host}:{endpoint.port}" if endpoint else "off")
     await health.update({})
     running = RunningServer(grpc_port, endpoint.port if endpoint else None, server, manager, health, metrics,
@@ -123,6 +131,13 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
     names = (inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server, pool=POOL)
+
+
+def _tls_credentials(settings: ServerSettings) -> grpc.ServerCredentials:
+    """TLS for the gRPC port; with a client CA, clients must present a certificate it signed."""
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 def _bracket(host: str) -> str:

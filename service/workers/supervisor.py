@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.datatypes import element_size
-from service.errors import ConfigError, ServeError, Unavailable
+from service.errors import ConfigError, ResourceExhausted, ServeError, Unavailable
 from service.repository import ModelSpec
 from service.tensors import WireTensor
 from service.workers import protocol, worker
@@ -35,6 +35,9 @@ class SupervisorSettings:
     shm_wait_s: float = 10.0
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 30.0
+    heartbeat_interval_s: float = 2.0
+    hang_timeout_s: float = 120.0  # no heartbeat answer for this long: the worker is killed and respawned
+    max_inflight: int = 1024  # requests per model held at once; beyond it RESOURCE_EXHAUSTED at once
 
 
 @dataclass
@@ -67,6 +70,9 @@ class WorkerHandle:
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
         self._restart_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._last_pong = 0.0
+        self._inflight = 0
         self.ready = False
         self.restarts = 0
         self.pid: int | None = None
@@ -100,13 +106,30 @@ class WorkerHandle:
             await self._kill()
             raise
         log.info("model %s version %d ready in worker pid %s", self.spec.name, self.spec.version, hello.get("pid"))
+        self._last_pong = time.monotonic()
+        self._heartbeat = loop.create_task(self._watch(process))
         self._set_ready(True)
+
+    async def _watch(self, process: multiprocessing.process.BaseProcess) -> None:
+        """Heartbeats, answered by the worker's compute loop: a worker silent for too long is killed
+        (its exit then fails its requests and respawns it, like any crash)."""
+        ids = itertools.count(1)
+        while process is self._process and process.is_alive():
+            await asyncio.sleep(self._settings.heartbeat_interval_s)
+            silent = time.monotonic() - self._last_pong
+            if silent > self._settings.hang_timeout_s:
+                log.error("model %s: worker pid %s answered no heartbeat for %.0fs; killing it",
+                          self.spec.name, process.pid, silent)
+                process.kill()
+                return
+            self._send_quietly({"op": protocol.PING, "id": next(ids)})
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the worker (graceful, then SIGKILL) and remove its shared memory."""
         self._stopping = True
-        if self._restart_task is not None:
-            self._restart_task.cancel()
+        for task in (self._restart_task, self._heartbeat):
+            if task is not None:
+                task.cancel()
         self._set_ready(False)
         process = self._process
         if process is not None and process.is_alive():
@@ -202,6 +225,8 @@ class WorkerHandle:
                 else:
                     err = ServeError.from_wire(header["error"])
                     self._handshake.set_exception(ConfigError(err.message) if err.code == "INVALID_ARGUMENT" else err)
+        elif op == protocol.PONG:
+            self._last_pong = time.monotonic()
         elif op == protocol.STATS:
             self._on_stats(self.spec.name, header)
         elif (p := self._pending.pop(int(header.get("id", -1)), None)) is not None:
@@ -216,6 +241,17 @@ class WorkerHandle:
         """Run one request in the worker. `timeout_s` (the client's deadline) bounds its time in the queue."""
         if not self.ready or self._conn is None:
             raise Unavailable(f"model '{self.spec.name}' is not ready")
+        if self._inflight >= self._settings.max_inflight:
+            raise ResourceExhausted(f"model '{self.spec.name}' has {self._inflight} requests in flight, the limit "
+                                    "(--max-inflight-per-model); retry later")
+        self._inflight += 1
+        try:
+            return await self._infer(inputs, output_names, timeout_s)
+        finally:
+            self._inflight -= 1
+
+    async def _infer(self, inputs: list[WireTensor], output_names: list[str],
+                     timeout_s: float | None) -> list[WireTensor]:
         arena = self._arena
         in_bytes = sum(_nbytes(t.data) for t in inputs)
         out_bytes = self._output_bytes(inputs, output_names)
