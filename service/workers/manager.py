@@ -46,7 +46,8 @@ class ModelManager:
             try:
                 spec = self.repository.load_spec(name)
             except ServeError as exc:
-                self._states[name] = ModelState(name, "", "UNAVAILABLE", exc.message)
+                if name not in self._workers:  # a loaded version keeps serving when a reload fails
+                    self._states[name] = ModelState(name, "", "UNAVAILABLE", exc.message)
                 raise
             self._states[name] = ModelState(name, str(spec.version), "LOADING")
             self._metrics.register_model(spec.name, spec.version)
@@ -61,7 +62,10 @@ class ModelManager:
                 await handle.start()
             except ServeError as exc:
                 await handle.stop()
-                self._states[name] = ModelState(name, str(spec.version), "UNAVAILABLE", exc.message)
+                if name in self._workers:
+                    self._states[name] = ModelState(name, str(self._workers[name].spec.version), "READY")
+                else:
+                    self._states[name] = ModelState(name, str(spec.version), "UNAVAILABLE", exc.message)
                 raise
             old = self._workers.get(name)
             self._workers[name] = handle

@@ -7,6 +7,7 @@ back out of the pool's output buffers. Models without a batch dimension bypass r
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,8 @@ from service.repository import ModelSpec
 
 if TYPE_CHECKING:
     from service.workers.worker import WorkerOptions
+
+log = logging.getLogger("trtserve.worker")
 
 
 @dataclass
@@ -103,6 +106,13 @@ class ModelRuntime:
         # Called from build threads too; WorkerStats is thread-safe.
         if kind == "build":
             self.stats.record_build(fields["reason"], float(fields.get("duration_s", 0.0)))
+        elif kind == "build_failed":
+            # Counted as reason "failed"; the engines already live keep serving.
+            log.error("model %s: building an engine of capacity %s failed (retry in %.0fs): %s", self.spec.name,
+                      fields.get("capacity"), fields.get("retry_in_s", 0.0), fields.get("error"))
+            self.stats.record_build("failed", float(fields.get("duration_s", 0.0)))
+        elif kind in ("plan_cache_invalid", "plan_load_failed", "plan_cache_write_failed"):
+            log.warning("model %s: %s: %s", self.spec.name, kind, fields.get("why") or fields.get("error"))
 
     def refresh_gauges(self) -> None:
         """Engine and pool gauges, sampled from the compute loop."""
