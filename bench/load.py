@@ -77,3 +77,23 @@ def run_load(url: str, model: str, inputs: dict[str, np.ndarray], clients: int, 
         t.join()
     lat = np.array([x for per in latencies for x in per])
     return LoadResult(clients, len(lat), sum(errors), seconds, lat)
+
+
+def _load_process(args: tuple) -> tuple[list[float], int]:
+    url, model, inputs, clients, seconds, datatypes, stream = args
+    r = run_load(url, model, inputs, clients, seconds, datatypes, stream)
+    return list(r.latencies_s), r.errors
+
+
+def run_load_processes(url: str, model: str, inputs: dict[str, np.ndarray], clients: int, seconds: float,
+                       datatypes: dict[str, str], processes: int, stream: bool = False) -> LoadResult:
+    """The same closed loop spread over `processes` client processes, so the client's own GIL is not the
+    bottleneck when the server has many cores."""
+    import multiprocessing
+
+    per = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(processes) as pool:
+        parts = pool.map(_load_process, [(url, model, inputs, n, seconds, datatypes, stream) for n in per if n])
+    lat = np.array([x for latencies, _ in parts for x in latencies])
+    return LoadResult(clients, len(lat), sum(e for _, e in parts), seconds, lat)

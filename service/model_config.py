@@ -205,7 +205,7 @@ def check_onnx_model(model_path: Path, config: mc.ModelConfig, config_path: Path
     """
     try:
         model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - onnx raises DecodeError, OSError, ValueError... on a bad file
+    except Exception as e:  # onnx raises DecodeError, OSError, ValueError... on a bad file
         raise ConfigError(f"{model_path}: not a readable ONNX model: {type(e).__name__}: {e}") from None
     if not model.HasField("graph") or not model.graph.output:
         raise ConfigError(f"{model_path}: not an ONNX model (no graph with outputs)")

@@ -40,7 +40,7 @@ def test_explicit_load_and_unload(example_repo):
         client = grpcclient.InferenceServerClient(server.url)
         index = {m.name: m.state for m in client.get_model_repository_index().models}
         assert index["tiny"] == "READY" and index["mlp"] == "UNAVAILABLE"
-        with pytest.raises(InferenceServerException, match="not loaded|unknown model") as err:
+        with pytest.raises(InferenceServerException, match=r"not loaded|unknown model") as err:
             client.infer("mixed", _tiny_input()[1])
         assert err.value.status() == "StatusCode.NOT_FOUND"
 

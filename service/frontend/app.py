@@ -59,8 +59,12 @@ async def start(settings: ServerSettings) -> RunningServer:
     metrics = ServerMetrics()
     health = Health()
 
+    updates: set[asyncio.Task[None]] = set()  # health updates in flight (kept so they are not collected)
+
     def ready_changed() -> None:
-        loop.create_task(health.update({h.spec.name: h.ready for h in manager.loaded()}))
+        task = loop.create_task(health.update({h.spec.name: h.ready for h in manager.loaded()}))
+        updates.add(task)
+        task.add_done_callback(updates.discard)
 
     manager = ModelManager(
         ModelRepository(settings.model_repository),

@@ -19,6 +19,7 @@ from service.proto import inference_pb2_grpc
 from service.settings import ServerSettings
 from service.workers.manager import ModelManager, require_explicit
 
+Context = grpc.aio.ServicerContext
 EXTENSIONS = ["model_repository", "model_repository(unload_dependents)", "statistics", "model_configuration"]
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 
@@ -33,35 +34,35 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._health = health
         self._settings = settings
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=not self._health.shutting_down and self._models.all_ready())
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self._models.is_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
-                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+                             context: Context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="trtserve", version=__version__, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
-                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+                            context: Context) -> pb.ModelMetadataResponse:
         spec = self._models.spec(request.name, request.version)
         inputs, outputs = codec.tensor_metadata(spec)
         return pb.ModelMetadataResponse(name=spec.name, versions=[str(spec.version)],
                                         platform=PLATFORMS.get(spec.backend, spec.backend),
                                         inputs=inputs, outputs=outputs)
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=self._models.spec(request.name, request.version).config)
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         return await self._infer(request, context.time_remaining())
 
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
-                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+                               context: Context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently; responses stream back as they finish, each echoing its request id."""
         done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
@@ -123,27 +124,27 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                                           time.perf_counter() - started, rows)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
-                              context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+                              context: Context) -> pb.ModelStatisticsResponse:
         handles = ([self._models.get(request.name, request.version)] if request.name else self._models.loaded())
         return pb.ModelStatisticsResponse(model_stats=[
             _statistics(self._metrics.statistics(h.spec.name, str(h.spec.version))) for h in handles
         ])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
-                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+                              context: Context) -> pb.RepositoryIndexResponse:
         return pb.RepositoryIndexResponse(models=[
             pb.RepositoryIndexResponse.ModelIndex(name=s.name, version=s.version, state=s.state, reason=s.reason)
             for s in self._models.index(ready_only=request.ready)
         ])
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
-                                  context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
+                                  context: Context) -> pb.RepositoryModelLoadResponse:
         require_explicit(self._settings.model_control_mode)
         await self._models.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
-                                    context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
+                                    context: Context) -> pb.RepositoryModelUnloadResponse:
         require_explicit(self._settings.model_control_mode)
         await self._models.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()

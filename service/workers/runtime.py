@@ -82,7 +82,8 @@ class ModelRuntime:
         self.refresh_gauges()
 
     def _make_allocator(self) -> Any:
-        if self.spec.use_gpu and self.spec.backend == "tensorrt":
+        """Device buffers with pinned staging for models on a GPU, page-aligned host memory otherwise."""
+        if self.spec.use_gpu:
             from service.memory.allocators import CudaAllocator
 
             return CudaAllocator(_gpu_id(self.spec))
@@ -93,7 +94,8 @@ class ModelRuntime:
         if self.spec.backend == "onnxruntime":
             from service.engines.onnxruntime_backend import OnnxRuntimeBuilder
 
-            return OnnxRuntimeBuilder(self.spec, intra_op_threads=options.intra_op_threads)
+            return OnnxRuntimeBuilder(self.spec, intra_op_threads=options.intra_op_threads,
+                                      stream=getattr(self._allocator, "stream", None))
         if self.spec.backend == "tensorrt":
             from service.engines.tensorrt_backend import TensorRTBuilder
 

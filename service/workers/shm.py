@@ -57,7 +57,7 @@ class Arena:
                 return off
         return None
 
-    async def alloc(self, nbytes: int, timeout: float | None) -> int:
+    async def alloc(self, nbytes: int, wait_s: float | None) -> int:
         """Allocate, waiting for other requests to free space; ResourceExhausted when it cannot fit."""
         if _align(max(nbytes, 1)) > self.size:
             raise ResourceExhausted(
@@ -65,7 +65,7 @@ class Arena:
                 "raise --shm-bytes-per-model"
             )
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = None if wait_s is None else loop.time() + wait_s
         while (off := self.try_alloc(nbytes)) is None:
             waiter = loop.create_future()
             self._waiters.append(waiter)
@@ -74,7 +74,7 @@ class Arena:
                     await waiter
             except TimeoutError:
                 raise ResourceExhausted(
-                    f"shared memory for this model stayed full for {timeout:.1f}s "
+                    f"shared memory for this model stayed full for {wait_s:.1f}s "
                     f"({self.used} of {self.size} bytes in use)"
                 ) from None
             finally:

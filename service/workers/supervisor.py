@@ -134,9 +134,7 @@ class WorkerHandle:
         process = self._process
         if process is not None and process.is_alive():
             self._send_quietly({"op": protocol.STOP})
-            deadline = time.monotonic() + timeout_s
-            while process.is_alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+            await asyncio.get_running_loop().run_in_executor(None, process.join, timeout_s)
         await self._kill()
         if self._arena is not None:
             self._arena.close()

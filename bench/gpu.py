@@ -1,0 +1,157 @@
+"""GPU end to end (run on the H200): served throughput against the engine alone, the frontend's ceiling,
+and the engine sweep in real device memory. Writes bench/results/gpu/REPORT-gpu.md.
+
+    python3 -m bench.gpu [--seconds 10] [--out bench/results/gpu]
+
+Needs onnxruntime-gpu (CUDAExecutionProvider) and cuda-python; models come from `examples/generate_models.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from bench.load import run_load_processes
+from tests.server import ROOT, start
+
+GPU_GROUP = "instance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]"
+
+
+def _repo(out: Path, models: Path) -> Path:
+    """A repository of the example models on the GPU, with dynamic batching and the sweep policies."""
+    repo = out / "repo"
+    shutil.rmtree(repo, ignore_errors=True)
+
+    def add(name: str, source: str, extra: str) -> None:
+        (repo / name / "1").mkdir(parents=True)
+        os.symlink(models / source / "1" / "model.onnx", repo / name / "1" / "model.onnx")
+        text = (models / source / "config.pbtxt").read_text()
+        text = re.sub(r'name: "\w+"', f'name: "{name}"', text)
+        text = re.sub(r"instance_group \[.*\]", "", text) + "\n" + GPU_GROUP + "\n" + extra + "\n"
+        (repo / name / "config.pbtxt").write_text(text)
+
+    add("convnet", "convnet", "dynamic_batching { max_queue_delay_microseconds: 2000 }")
+    add("tiny", "tiny", "dynamic_batching { max_queue_delay_microseconds: 500 }")
+    add("mlp_reuse", "mlp", "engine_policy { mode: REUSE bucket: POW2 pool_growth: EXACT_FIT }")
+    add("mlp_multi", "mlp", "engine_policy { mode: MULTI bucket: EXACT pool_growth: EXACT_FIT }")
+    return repo
+
+
+def _metric(port: int, name: str, labels: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(part in line for part in labels.split(",") if part):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _device_used() -> int:
+    from cuda.bindings import runtime as rt
+
+    _, free, total = rt.cudaMemGetInfo()
+    return int(total - free)
+
+
+def engine_alone(repo: Path, model: str, batch: int, seconds: float) -> float:
+    """Inferences/s of the ONNX Runtime engine in this process at `batch` (host inputs, like the server)."""
+    from service.engines.onnxruntime_backend import OnnxRuntimeBuilder
+    from service.repository import ModelRepository
+
+    spec = ModelRepository(repo).load_spec(model)
+    engine = OnnxRuntimeBuilder(spec).build(spec.max_batch_size)
+    x = {"x": np.random.default_rng(0).standard_normal((batch, *spec.inputs[0].dims), dtype=np.float32)}
+    for _ in range(5):
+        engine.run(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        engine.run(x)
+        n += 1
+    rate = n * batch / (time.perf_counter() - t0)
+    engine.close()
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    models = ROOT / "examples" / "models"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "generate_models.py"), "--out", str(models)], check=True)
+    repo = _repo(Path("/tmp/trtserve-gpu-bench"), models)
+    lines = ["# GPU end to end", "", f"Machine: {platform.node()}, {os.cpu_count()} CPU cores; "
+             f"`nvidia-smi -L`: {subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True).stdout.strip()}",
+             f"Command: `python3 -m bench.gpu --seconds {args.seconds}`", ""]
+    rng = np.random.default_rng(0)
+    with start(repo, ["--model-control-mode", "explicit", "--load-model", "convnet", "--load-model", "tiny"],
+               timeout_s=300) as server:
+        # (a) convnet, batch-8 requests from 64 clients, dynamic batching, against the engine alone.
+        x8 = {"x": rng.standard_normal((8, 16, 32, 32), dtype=np.float32)}
+        before = (_metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"'),
+                  _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"'))
+        served = run_load_processes(server.url, "convnet", x8, 64, args.seconds, {"x": "FP32"}, processes=8)
+        rows = _metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"') - before[0]
+        execs = _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"') - before[1]
+        mean_batch = rows / max(execs, 1)
+        # (b) tiny, batch-1 requests from 64 clients: the frontend's ceiling.
+        x1 = {"x": rng.standard_normal((1, 16), dtype=np.float32)}
+        tiny = run_load_processes(server.url, "tiny", x1, 64, args.seconds, {"x": "FP32"}, processes=8)
+    alone = engine_alone(repo, "convnet", max(1, round(mean_batch)), min(args.seconds, 10))
+    ratio = served.rps * 8 / alone
+    lines += ["## (a) convnet: batch-8 requests, 64 clients, dynamic batching", "",
+              "| served inferences/s | p50 ms | p99 ms | errors | mean executed batch | engine alone inferences/s "
+              "at that batch | served / alone |", "|---|---|---|---|---|---|---|",
+              f"| {served.rps * 8:.0f} | {served.percentile_ms(50):.1f} | {served.percentile_ms(99):.1f} | "
+              f"{served.errors} | {mean_batch:.1f} | {alone:.0f} | {ratio:.0%} ({'PASS' if ratio >= 0.8 else 'FAIL'}"
+              " against the 80% goal) |", "",
+              "## (b) tiny: batch-1 requests, 64 clients (frontend ceiling)", "",
+              "| requests/s | p50 ms | p99 ms | errors |", "|---|---|---|---|",
+              f"| {tiny.rps:.0f} | {tiny.percentile_ms(50):.2f} | {tiny.percentile_ms(99):.2f} | {tiny.errors} |", ""]
+    lines += sweep(repo, args.seconds)
+    (args.out / "REPORT-gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def sweep(repo: Path, seconds: float) -> list[str]:
+    """(c) the engine sweep in real device memory: REUSE+POW2 against MULTI+EXACT on mlp."""
+    import tritonclient.grpc as grpcclient
+
+    sizes = np.random.default_rng(7).integers(1, 65, size=60)
+    out = ["## (c) engine sweep in device memory (mlp, 60 seeded batch sizes 1..64)", "",
+           "| policy | engine builds | engines live at end | device bytes taken (cudaMemGetInfo) | "
+           "pool device bytes (metric) | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+    for model in ("mlp_reuse", "mlp_multi"):
+        base = _device_used()
+        with start(repo, ["--model-control-mode", "explicit", "--load-model", model], timeout_s=300) as server:
+            client = grpcclient.InferenceServerClient(server.url)
+            lat, peak = [], 0
+            for b in sizes:
+                inp = grpcclient.InferInput("x", [int(b), 1024], "FP32")
+                inp.set_data_from_numpy(np.ones((int(b), 1024), np.float32))
+                t0 = time.perf_counter()
+                client.infer(model, [inp])
+                lat.append(time.perf_counter() - t0)
+                peak = max(peak, _device_used() - base)
+            time.sleep(1)
+            builds = _metric(server.metrics_port, "trtserve_engine_builds_total", f'model="{model}"')
+            live = _metric(server.metrics_port, "trtserve_engines_live", f'model="{model}"')
+            pool = _metric(server.metrics_port, "trtserve_buffer_pool_bytes", f'model="{model}",memory="device"')
+        out.append(f"| {model} | {builds:.0f} | {live:.0f} | {peak / 2**20:.0f} MiB peak | {pool / 2**20:.1f} MiB | "
+                   f"{np.percentile(lat, 50) * 1e3:.1f} | {np.percentile(lat, 99) * 1e3:.1f} |")
+    return [*out, ""]
+
+
+if __name__ == "__main__":
+    main()
