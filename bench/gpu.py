@@ -40,8 +40,11 @@ def _repo(out: Path, models: Path) -> Path:
         text = re.sub(r"instance_group \[.*\]", "", text) + "\n" + GPU_GROUP + "\n" + extra + "\n"
         (repo / name / "config.pbtxt").write_text(text)
 
-    add("convnet", "convnet", "dynamic_batching { max_queue_delay_microseconds: 2000 }")
-    add("tiny", "tiny", "dynamic_batching { max_queue_delay_microseconds: 500 }")
+    # Engines warmed to full capacity: (a) and (b) measure serving, not growth.
+    add("convnet", "convnet", "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
+        "engine_policy { warmup_batch_sizes: [ 64 ] }")
+    add("tiny", "tiny", "dynamic_batching { max_queue_delay_microseconds: 500 }\n"
+        "engine_policy { warmup_batch_sizes: [ 256 ] }")
     add("mlp_reuse", "mlp", "engine_policy { mode: REUSE bucket: POW2 pool_growth: EXACT_FIT }")
     add("mlp_multi", "mlp", "engine_policy { mode: MULTI bucket: EXACT pool_growth: EXACT_FIT }")
     return repo

@@ -1,0 +1,95 @@
+"""On a GPU (marker `gpu`, run with `make test-gpu` on the device machine): the real server with the CUDA
+provider, its buffer pool in device memory, and the pool's reported bytes against cudaMemGetInfo."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.server import start
+
+pytestmark = pytest.mark.gpu
+ROW = 1 << 18  # floats per row: 1 MiB per row per tensor, so the pool dominates device memory changes
+
+
+def _needs_cuda() -> None:
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu with the CUDA provider")
+    pytest.importorskip("cuda.bindings.runtime")
+
+
+def _device_used() -> int:
+    from cuda.bindings import runtime as rt
+
+    _, free, total = rt.cudaMemGetInfo()
+    return int(total - free)
+
+
+def _metric(port: int, needle: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(needle))
+
+
+def _repo(tmp_path):
+    c = np.random.default_rng(0).standard_normal(ROW).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["y"])], "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", ROW])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", ROW])],
+        [numpy_helper.from_array(c, "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    (tmp_path / "big" / "1").mkdir(parents=True)
+    onnx.save(model, tmp_path / "big" / "1" / "model.onnx")
+    (tmp_path / "big" / "config.pbtxt").write_text(f"""
+name: "big"
+backend: "onnxruntime"
+max_batch_size: 32
+input [ {{ name: "x" data_type: TYPE_FP32 dims: [ {ROW} ] }} ]
+output [ {{ name: "y" data_type: TYPE_FP32 dims: [ {ROW} ] }} ]
+instance_group [ {{ kind: KIND_GPU gpus: [ 0 ] }} ]
+engine_policy {{ mode: REUSE warmup_batch_sizes: [ 32 ] pool_growth: EXACT_FIT }}
+""")
+    return tmp_path, c
+
+
+def _wait_metric(port: int, needle: str, value: float, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _metric(port, needle) != value:
+        assert time.monotonic() < deadline, f"{needle} != {value}: {_metric(port, needle)}"
+        time.sleep(0.1)
+
+
+def test_cuda_pool_bytes_match_device_memory(tmp_path):
+    _needs_cuda()
+    import tritonclient.grpc as grpcclient
+
+    repo, c = _repo(tmp_path)
+    with start(repo, ["--max-request-bytes", str(256 << 20), "--shm-bytes-per-model", str(256 << 20)],
+               timeout_s=300) as server:
+        client = grpcclient.InferenceServerClient(server.url)
+
+        def infer(batch: int) -> None:
+            x = np.random.default_rng(batch).standard_normal((batch, ROW), dtype=np.float32)
+            inp = grpcclient.InferInput("x", [batch, ROW], "FP32")
+            inp.set_data_from_numpy(x)
+            y = client.infer("big", [inp]).as_numpy("y")
+            np.testing.assert_allclose(y, x + c, rtol=1e-6)
+
+        device = 'trtserve_buffer_pool_bytes{memory="device",model="big"}'
+        infer(1)
+        _wait_metric(server.metrics_port, device, 2 * ROW * 4)
+        used_before = _device_used()
+        infer(32)
+        _wait_metric(server.metrics_port, device, 32 * 2 * ROW * 4)
+        grown = _device_used() - used_before
+        expected = 31 * 2 * ROW * 4  # 62 MiB more device buffers; the one engine stays
+        assert abs(grown - expected) <= 4 << 20, (grown, expected)
+        assert _metric(server.metrics_port, 'trtserve_buffer_pool_bytes{memory="pinned",model="big"}') >= expected
+        infer(3)  # smaller batches are views: nothing grows
+        assert _metric(server.metrics_port, device) == 32 * 2 * ROW * 4
