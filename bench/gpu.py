@@ -34,9 +34,9 @@ def _repo(out: Path, models: Path) -> Path:
 
     def add(name: str, source: str, extra: str) -> None:
         (repo / name / "1").mkdir(parents=True)
-        os.symlink(models / source / "1" / "model.onnx", repo / name / "1" / "model.onnx")
+        shutil.copy(models / source / "1" / "model.onnx", repo / name / "1" / "model.onnx")
         text = (models / source / "config.pbtxt").read_text()
-        text = re.sub(r'name: "\w+"', f'name: "{name}"', text)
+        text = re.sub(r'name: "\w+"', f'name: "{name}"', text, count=1)
         text = re.sub(r"instance_group \[.*\]", "", text) + "\n" + GPU_GROUP + "\n" + extra + "\n"
         (repo / name / "config.pbtxt").write_text(text)
 
