@@ -7,6 +7,7 @@ advance travel inline in the payload.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 _LEN = struct.Struct("<I")
+_CONN_LEN = struct.Struct("!i")  # multiprocessing.Connection's own length prefix
 
 # Operation names (parent -> worker)
 INFER = "infer"
@@ -64,6 +66,21 @@ def decode(frame: bytes) -> tuple[dict[str, Any], memoryview]:
     view = memoryview(frame)
     header = json.loads(view[_LEN.size:_LEN.size + n].tobytes())
     return header, view[_LEN.size + n:]
+
+
+def framed(header: dict[str, Any], payload: bytes | memoryview | None = None) -> bytes:
+    """A frame with the length prefix `multiprocessing.Connection.recv_bytes` reads, for writing to the
+    worker's socket from the event loop without blocking."""
+    body = encode(header, payload)
+    return _CONN_LEN.pack(len(body)) + body
+
+
+async def read_framed(reader: asyncio.StreamReader) -> bytes:
+    """One frame written by `Connection.send_bytes` (IncompleteReadError at end of stream)."""
+    (n,) = _CONN_LEN.unpack(await reader.readexactly(_CONN_LEN.size))
+    if n == -1:  # Connection's prefix for frames of 2 GiB and more
+        (n,) = struct.unpack("!Q", await reader.readexactly(8))
+    return await reader.readexactly(n)
 
 
 def send(conn: Connection, header: dict[str, Any], payload: bytes | memoryview | None = None) -> None:

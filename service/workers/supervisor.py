@@ -11,9 +11,11 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 from service.datatypes import element_size
@@ -64,7 +66,8 @@ class WorkerHandle:
         self._ctx = multiprocessing.get_context("spawn")
         self._arena: Arena | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
-        self._conn = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
@@ -83,7 +86,8 @@ class WorkerHandle:
         if self._arena is None:
             self._arena = Arena(self._settings.shm_bytes)
         loop = asyncio.get_running_loop()
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        parent_sock, child_sock = socket.socketpair()
+        child_conn = Connection(child_sock.detach())  # the worker keeps the blocking Connection API
         process = self._ctx.Process(
             target=worker.main, args=(self.spec, self._options, child_conn, self._arena.name),
             name=f"trtserve-worker-{self.spec.name}", daemon=True,
@@ -91,9 +95,11 @@ class WorkerHandle:
         self._handshake = loop.create_future()
         process.start()
         child_conn.close()
-        self._process, self._conn, self.pid = process, parent_conn, process.pid
+        # The parent's end lives on the event loop: writes are buffered, never blocking the loop.
+        reader, self._writer = await asyncio.open_unix_connection(sock=parent_sock)
+        self._process, self.pid = process, process.pid
+        self._reader_task = loop.create_task(self._read_frames(reader))
         self._started_at = time.monotonic()
-        loop.add_reader(parent_conn.fileno(), self._on_readable)
         loop.add_reader(process.sentinel, self._on_exit, process)
         try:
             async with asyncio.timeout(self._settings.start_timeout_s):
@@ -153,10 +159,10 @@ class WorkerHandle:
     def _detach(self, process: multiprocessing.process.BaseProcess) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(process.sentinel)
-        if self._conn is not None and process is self._process:
-            loop.remove_reader(self._conn.fileno())
-            self._conn.close()
-            self._conn = None
+        if self._writer is not None and process is self._process:
+            self._reader_task.cancel()
+            self._writer.close()
+            self._writer = None
             self._process = None
 
     def _on_exit(self, process: multiprocessing.process.BaseProcess) -> None:
@@ -205,13 +211,11 @@ class WorkerHandle:
                 p.future.set_exception(err)
 
     # -- messages ----------------------------------------------------------------------------
-    def _on_readable(self) -> None:
-        conn = self._conn
+    async def _read_frames(self, reader: asyncio.StreamReader) -> None:
         try:
-            while conn is not None and conn.poll():
-                header, payload = protocol.decode(conn.recv_bytes())
-                self._dispatch(header, payload)
-        except (EOFError, OSError):
+            while True:
+                self._dispatch(*protocol.decode(await protocol.read_framed(reader)))
+        except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the sentinel reports the exit
 
     def _dispatch(self, header: dict[str, Any], payload: memoryview) -> None:
@@ -237,7 +241,7 @@ class WorkerHandle:
     async def infer(self, inputs: list[WireTensor], output_names: list[str],
                     timeout_s: float | None = None) -> list[WireTensor]:
         """Run one request in the worker. `timeout_s` (the client's deadline) bounds its time in the queue."""
-        if not self.ready or self._conn is None:
+        if not self.ready or self._writer is None:
             raise Unavailable(f"model '{self.spec.name}' is not ready")
         if self._inflight >= self._settings.max_inflight:
             raise ResourceExhausted(f"model '{self.spec.name}' has {self._inflight} requests in flight, the limit "
@@ -264,13 +268,13 @@ class WorkerHandle:
                 arena.buf[cursor:cursor + n] = t.data
                 refs.append(protocol.TensorRef(t.name, t.datatype, tuple(t.shape), cursor, n).to_json())
                 cursor += n
-            if not self.ready or self._conn is None:  # died while we waited for shared memory
+            if not self.ready or self._writer is None:  # died while we waited for shared memory
                 raise Unavailable(f"model '{self.spec.name}' is not ready")
             pending = _Pending(asyncio.get_running_loop().create_future(), offset, nbytes)
             self._pending[request_id] = pending
-            protocol.send(self._conn, {"op": protocol.INFER, "id": request_id, "inputs": refs,
-                                       "outputs": output_names, "out_offset": cursor, "out_nbytes": out_bytes,
-                                       "timeout_s": timeout_s})
+            self._writer.write(protocol.framed({"op": protocol.INFER, "id": request_id, "inputs": refs,
+                                                "outputs": output_names, "out_offset": cursor,
+                                                "out_nbytes": out_bytes, "timeout_s": timeout_s}))
             try:
                 header, payload = await pending.future
             except asyncio.CancelledError:
@@ -294,9 +298,9 @@ class WorkerHandle:
 
     def _send_quietly(self, header: dict[str, Any]) -> None:
         try:
-            if self._conn is not None:
-                protocol.send(self._conn, header)
-        except OSError:
+            if self._writer is not None:
+                self._writer.write(protocol.framed(header))
+        except (OSError, RuntimeError):
             pass  # the worker is gone; its exit fails what is pending
 
     def _output_bytes(self, inputs: list[WireTensor], output_names: list[str]) -> int:
