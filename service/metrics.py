@@ -107,6 +107,7 @@ class ServerMetrics:
                 self._m[name] = Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
         self._versions: dict[str, set[str]] = {}
         self._series: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._stats: dict[tuple[str, str], _Stats] = {}
 
     # -- model registry (the label guard) --------------------------------------------------------------
@@ -152,14 +153,19 @@ class ServerMetrics:
                 if whole or (per_version and values[1] in gone):
                     self._m[metric].remove(*values)
                     self._series[name].discard((metric, values))
+                    self._children.pop((metric, values), None)
             if whole:
                 self._versions.pop(name, None)
                 self._series.pop(name, None)
 
     def _child(self, metric: str, model: str, *values: str) -> Any:
-        labels = (model, *values)
-        self._series.setdefault(model, set()).add((metric, labels))
-        return self._m[metric].labels(*labels)
+        # Cached: labels() costs a lock and a dict walk, and the request path calls this several times.
+        key = (metric, (model, *values))
+        child = self._children.get(key)
+        if child is None:
+            self._series.setdefault(model, set()).add(key)
+            child = self._children[key] = self._m[metric].labels(*key[1])
+        return child
 
     # -- parent-side events ----------------------------------------------------------------------------
     def observe_request(self, model: str, version: int | str, status: str, seconds: float,
