@@ -32,22 +32,28 @@ log = logging.getLogger("trtserve.worker")
 
 
 @dataclass
-class BatchTimes:
-    """Seconds spent gathering inputs, running engines and reading outputs for one executed batch."""
-
-    input_s: float = 0.0
-    infer_s: float = 0.0
-    output_s: float = 0.0
-
-
-@dataclass
 class Item:
     """One request of a batch: its input arrays (views of shared memory) and, after the run, its outputs."""
 
     rows: int
     inputs: dict[str, np.ndarray]
+    queued_s: float = 0.0
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     error: ServeError | None = None
+
+
+@dataclass
+class Execution:
+    """One engine execution: the requests it served and its seconds per phase."""
+
+    items: list[Item]
+    input_s: float = 0.0
+    infer_s: float = 0.0
+    output_s: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return sum(i.rows for i in self.items)
 
 
 def _gpu_id(spec: ModelSpec) -> int:
@@ -127,29 +133,34 @@ class ModelRuntime:
             self.stats.record_pool_grow(self.pool.grows - self._grows)
             self._grows = self.pool.grows
 
-    def run(self, items: list[Item]) -> BatchTimes:
-        """Execute the items as one batch; sets each item's outputs, or its error."""
-        times = BatchTimes()
-        if self.registry is None:
-            for item in items:  # no batch dimension: one request per execution
+    def run(self, items: list[Item]) -> list[Execution]:
+        """Execute the items, as one batch where possible; sets each item's outputs, or its error.
+        Returns the executions that ran (for statistics)."""
+        if self.registry is None:  # no batch dimension: one request per execution
+            done = []
+            for item in items:
                 t0 = time.perf_counter()
                 item.outputs = self._engine.run(item.inputs)
-                times.infer_s += time.perf_counter() - t0
-            return times
+                done.append(Execution([item], infer_s=time.perf_counter() - t0))
+            return done
         try:
-            self._run_batch(items, times)
+            return [self._run_batch(items)]
         except ResourceExhausted:
             if len(items) == 1:
                 raise
-            # The merged batch is over the pool cap: each request alone may still fit.
-            for item in items:
-                try:
-                    self._run_batch([item], times)
-                except ServeError as exc:
-                    item.error = exc
-        return times
+        # The merged batch is over the pool cap: each request alone may still fit. Its outputs are
+        # copied out of the pool, which the next request's run reuses.
+        done = []
+        for item in items:
+            try:
+                done.append(self._run_batch([item]))
+                item.outputs = {name: array.copy() for name, array in item.outputs.items()}
+            except ServeError as exc:
+                item.error = exc
+        return done
 
-    def _run_batch(self, items: list[Item], times: BatchTimes) -> None:
+    def _run_batch(self, items: list[Item]) -> Execution:
+        """Gather the items' rows into the pool, execute, and point each item at its output rows."""
         t0 = time.perf_counter()
         rows = sum(i.rows for i in items)
         bufs = self.pool.views(rows)
@@ -171,9 +182,7 @@ class ModelRuntime:
                                     f"'{name}' but the batch had {rows}")
         for item, start in zip(items, starts):
             item.outputs = {name: array[start:start + item.rows] for name, array in outputs.items()}
-        times.input_s += t1 - t0
-        times.infer_s += t2 - t1
-        times.output_s += time.perf_counter() - t2
+        return Execution(items, t1 - t0, t2 - t1, time.perf_counter() - t2)
 
     def empty_outputs(self) -> dict[str, np.ndarray]:
         """Outputs of a 0-row request: nothing is built or run."""

@@ -171,10 +171,10 @@ def _compute_loop(runtime: ModelRuntime, batcher: DynamicBatcher, channel: _Chan
 def _execute(runtime: ModelRuntime, requests: tuple[QueuedRequest, ...], channel: _Channel, buf: memoryview,
              stats: WorkerStats) -> None:
     jobs: list[_Job] = [r.payload for r in requests]
-    items = [Item(job.rows, job.inputs) for job in jobs]
     started = time.monotonic()
+    items = [Item(job.rows, job.inputs, queued_s=started - r.enqueued_at) for job, r in zip(jobs, requests)]
     try:
-        times = runtime.run(items)
+        executions = runtime.run(items)
     except ServeError as exc:
         for job in jobs:
             channel.error(job.id, exc)
@@ -191,9 +191,9 @@ def _execute(runtime: ModelRuntime, requests: tuple[QueuedRequest, ...], channel
         else:
             _reply(channel, runtime.spec, buf, job, item.outputs)
         job.inputs = {}  # drop views of the parent's block once answered
-    times.output_s += time.perf_counter() - t0
-    stats.record_exec(sum(i.rows for i in items), [started - r.enqueued_at for r in requests],
-                      times.input_s, times.infer_s, times.output_s)
+    reply_s = (time.perf_counter() - t0) / max(len(executions), 1)
+    for ex in executions:
+        stats.record_exec(ex.rows, [i.queued_s for i in ex.items], ex.input_s, ex.infer_s, ex.output_s + reply_s)
 
 
 def _reply(channel: _Channel, spec: ModelSpec, buf: memoryview, job: _Job, outputs: dict[str, np.ndarray]) -> None:

@@ -1,0 +1,179 @@
+"""Dynamic batching benchmark: `mlp` with batch-1 requests, served with batching on and off, against
+the engine alone in-process at the same executed batch sizes.
+
+    .venv/bin/python -m bench.batching [--quick] [--seconds 8] [--clients 1,8,32]
+
+A tmp repository holds two copies of the example `mlp`: `mlp_batched` (dynamic batching, 2 ms
+window, preferred sizes 8/16/32) and `mlp_plain` (no dynamic batching); both warm a 64-row engine so
+no build lands in a measurement. For each point, N closed-loop tritonclient.grpc clients (threads of
+this process) send batch-1 requests; the mean executed batch is read from the server's /metrics
+(trtserve_batch_size_sum / _count over the point, its 0.5 s warm-up included). The engine alone is
+an OnnxRuntimeBuilder engine of capacity 64 run in this process while the server idles, measured
+right after each point so that both see the same machine; its throughput at a fractional mean batch
+interpolates the time per run between the neighbouring integer batch sizes. Goal: at 32 clients with
+batching on, served inferences/s >= 80% of the engine alone at the mean executed batch. Clients,
+frontend, worker and engine share the same cores, which is the deployment this measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.load import run_load
+from service.engines.onnxruntime_backend import OnnxRuntimeBuilder
+from service.repository import ModelRepository
+from tests.server import EXAMPLES, ServerProcess, start
+
+GOAL = 0.80
+RESULTS = Path(__file__).resolve().parent / "results" / "batching.md"
+BATCHING = ("dynamic_batching { max_queue_delay_microseconds: 2000 preferred_batch_size: [ 8, 16, 32 ] }\n")
+WARMUP = "engine_policy { warmup_batch_sizes: [ 64 ] }\n"
+MODELS = {"on": ("mlp_batched", BATCHING + WARMUP), "off": ("mlp_plain", WARMUP)}
+
+
+@dataclass
+class Point:
+    mode: str
+    clients: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    mean_batch: float
+    engine_rps: float = math.nan
+
+    @property
+    def ratio(self) -> float:
+        return self.rps / self.engine_rps
+
+
+def make_repo(root: Path) -> Path:
+    """Two copies of the example mlp (copied: the server refuses model files outside its repository)."""
+    src = EXAMPLES / "mlp"
+    base = (src / "config.pbtxt").read_text().replace('name: "mlp"', "name: \"{name}\"")
+    for name, extra in MODELS.values():
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "config.pbtxt").write_text(base.replace("{name}", name) + extra)
+        try:
+            os.link(src / "1" / "model.onnx", root / name / "1" / "model.onnx")
+        except OSError:
+            shutil.copyfile(src / "1" / "model.onnx", root / name / "1" / "model.onnx")
+    return root
+
+
+def batch_histogram(server: ServerProcess, model: str) -> tuple[float, float]:
+    """(sum, count) of the executed batch sizes of `model` so far."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    values = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+              if s.labels.get("model") == model}
+    return values["trtserve_batch_size_sum"], values["trtserve_batch_size_count"]
+
+
+def serve_point(server: ServerProcess, mode: str, clients: int, seconds: float) -> Point:
+    model = MODELS[mode][0]
+    x = np.random.default_rng(clients).standard_normal((1, 1024), dtype=np.float32)
+    s0, c0 = batch_histogram(server, model)
+    result = run_load(server.url, model, {"x": x}, clients, seconds, {"x": "FP32"})
+    time.sleep(0.3)  # the worker's last stats report (every 0.1 s)
+    s1, c1 = batch_histogram(server, model)
+    mean = (s1 - s0) / (c1 - c0) if c1 > c0 else math.nan
+    return Point(mode, clients, result.rps, result.percentile_ms(50), result.percentile_ms(99), result.errors, mean)
+
+
+class EngineAlone:
+    """The mlp engine in this process; seconds per run at a batch size, measured once per size."""
+
+    def __init__(self, repo: Path, seconds: float) -> None:
+        spec = ModelRepository(repo).load_spec(MODELS["on"][0])
+        self.engine = OnnxRuntimeBuilder(spec).build(64)
+        self.seconds = seconds
+
+    def time_per_run(self, batch: int) -> float:
+        """Median seconds per run over `seconds` of runs (measured anew: the machine may have changed)."""
+        x = {"x": np.random.default_rng(batch).standard_normal((batch, 1024), dtype=np.float32)}
+        for _ in range(3):
+            self.engine.run(x)
+        times: list[float] = []
+        stop = time.perf_counter() + self.seconds
+        while time.perf_counter() < stop or len(times) < 5:
+            t0 = time.perf_counter()
+            self.engine.run(x)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    def inferences_per_s(self, mean_batch: float) -> float:
+        """Throughput at a (fractional) batch size: time per run interpolated between integer sizes."""
+        lo = max(1, math.floor(mean_batch))
+        hi = max(lo, math.ceil(mean_batch))
+        t_lo, t_hi = self.time_per_run(lo), self.time_per_run(hi)
+        t = t_lo + (mean_batch - lo) * (t_hi - t_lo) if hi > lo else t_lo
+        return mean_batch / t
+
+
+def table(points: list[Point]) -> str:
+    lines = ["| batching | clients | inferences/s | p50 ms | p99 ms | errors | mean executed batch "
+             "| engine alone inf/s at that batch | served / engine |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        lines.append(f"| {p.mode} | {p.clients} | {p.rps:.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} | {p.errors} "
+                     f"| {p.mean_batch:.2f} | {p.engine_rps:.0f} | {p.ratio:.0%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 s per point (under ~2 minutes in all)")
+    parser.add_argument("--seconds", type=float, default=None, help="measured seconds per point (default 8)")
+    parser.add_argument("--clients", default="1,8,32")
+    args = parser.parse_args()
+    seconds = args.seconds or (3.0 if args.quick else 8.0)
+    load_before = os.getloadavg()[0]  # other work on the machine skews every number; say so
+    counts = [int(c) for c in args.clients.split(",")]
+    points: list[Point] = []
+    with tempfile.TemporaryDirectory(prefix="trtserve-bench-") as tmp:
+        repo = make_repo(Path(tmp))
+        engine = EngineAlone(repo, seconds=0.75 if args.quick else 2.0)
+        with start(repo) as server:
+            for mode in ("on", "off"):
+                for clients in counts:
+                    points.append(p := serve_point(server, mode, clients, seconds))
+                    p.engine_rps = engine.inferences_per_s(p.mean_batch)
+                    print(f"batching {mode}, {clients} clients: {p.rps:.0f} inferences/s, mean executed batch "
+                          f"{p.mean_batch:.2f}, engine alone {p.engine_rps:.0f} inferences/s", flush=True)
+    goal = next((p for p in points if p.mode == "on" and p.clients == 32), None)
+    verdict = "goal not measured (no 32-client point)"
+    if goal is not None:
+        verdict = (f"{'PASS' if goal.ratio >= GOAL else 'FAIL'}: at 32 clients with batching on, served "
+                   f"{goal.rps:.0f} inferences/s = {goal.ratio:.0%} of the engine alone at the mean executed "
+                   f"batch {goal.mean_batch:.2f} ({goal.engine_rps:.0f} inferences/s); goal >= {GOAL:.0%}")
+    load_after = os.getloadavg()[0]
+    if load_before > (os.cpu_count() or 1) / 2:  # the benchmark's own load shows in load_after only
+        verdict += (f"\n\nCaution: the machine was busy with other work before the run (load average "
+                    f"{load_before:.1f} on {os.cpu_count()} CPUs); every number above moves with it, the "
+                    f"ratios included. Rerun on an idle machine before trusting them.")
+    report = "\n".join([
+        "# Dynamic batching: mlp, batch-1 requests", "",
+        f"`.venv/bin/python -m bench.batching{' --quick' if args.quick else ''}`: {seconds:g} s per point, "
+        f"{os.cpu_count()} CPUs shared by clients, server and engine (1-minute load average before/after: "
+        f"{load_before:.1f}/{load_after:.1f}); max_queue_delay 2 ms, preferred 8/16/32.",
+        "", table(points), "", verdict, ""])
+    print()
+    print(report)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
