@@ -157,18 +157,23 @@ class WorkerHandle:
         self._fail_pending(Unavailable(f"model '{self.spec.name}' worker stopped"))
 
     def _detach(self, process: multiprocessing.process.BaseProcess) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(process.sentinel)
-        if self._writer is not None and process is self._process:
+        """Stop watching an exited (or killed) worker, close our end of its pipe and its process handle."""
+        try:
+            asyncio.get_running_loop().remove_reader(process.sentinel)
+        except ValueError:
+            return  # already detached and closed
+        if process is self._process:
             self._reader_task.cancel()
             self._writer.close()
             self._writer = None
             self._process = None
+        if process.exitcode is not None:
+            process.close()  # releases its pipe fds now rather than at garbage collection
 
     def _on_exit(self, process: multiprocessing.process.BaseProcess) -> None:
-        process.join(0)
+        process.join(1)  # the sentinel fired: the process has exited, reaping it is immediate
+        code, pid = process.exitcode, process.pid
         self._detach(process)
-        code = process.exitcode
         err = Unavailable(f"model '{self.spec.name}': worker exited (code {code}); restarting")
         if self._handshake is not None and not self._handshake.done():
             self._handshake.set_exception(Unavailable(f"model '{self.spec.name}': worker exited (code {code}) "
@@ -176,7 +181,7 @@ class WorkerHandle:
         self._fail_pending(err)
         if self._stopping or not self.ready:
             return
-        log.error("model %s: worker pid %s exited with code %s", self.spec.name, process.pid, code)
+        log.error("model %s: worker pid %s exited with code %s", self.spec.name, pid, code)
         self._set_ready(False)
         self._restart_task = asyncio.get_running_loop().create_task(self._restart())
 
