@@ -4,7 +4,8 @@ The model: input "x" (FP32, rows of ROW values) -> output "y" = 2x + 1, the same
 unpooled output "tokens" whose second dim varies. Engines report fake device bytes (1000 per unit of
 capacity) and log every run. Builds record their capacity, can be held on `gate` (a threading.Event)
 so a test decides exactly when a build finishes, can fail on demand, and advance a FakeClock so build
-durations are exact. Nothing here sleeps.
+durations are exact; engine runs advance it by `run_cost` (fixed + per-row seconds), so the registry
+measures known run times. Nothing here sleeps.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class FakeEngine:
         assert 1 <= rows <= self.capacity, f"batch {rows} outside 1..{self.capacity}"
         self.builder._note(self.builder.runs, (self.capacity, rows))
         assert self.builder.run_gate.wait(timeout=30), "run gate never opened"
+        fixed, per_row = self.builder.run_cost
+        if self.builder.clock is not None and (fixed or per_row):
+            self.builder.clock.advance(fixed + per_row * rows)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = inputs["x"]
@@ -81,15 +85,19 @@ class FakeIntoEngine(FakeEngine):
 class FakeBuilder:
     """EngineBuilder double. `builds`: capacities asked for, in order (failed ones too); `engines`:
     the engines made; `runs`: (capacity, rows) per engine call; `fail`: capacities whose build raises;
-    `gate`: builds wait on it (set = no waiting); `run_gate`: the same for engine runs.
+    `gate`: builds wait on it (set = no waiting); `run_gate`: the same for engine runs; `run_cost`:
+    (fixed, per-row) seconds a run advances the clock; `max_active`: most builds seen running at once.
     `wait_started(n)` / `wait_runs(n)` return once n builds / runs have begun."""
 
     backend = "fake"
 
     def __init__(self, *, run_into: bool = True, clock: FakeClock | None = None,
-                 build_seconds: float = 0.0, extra_output: bool = False) -> None:
+                 build_seconds: float = 0.0, extra_output: bool = False,
+                 run_cost: tuple[float, float] = (0.0, 0.0)) -> None:
         self.engine_class = FakeIntoEngine if run_into else FakeEngine
         self.clock, self.build_seconds, self.extra_output = clock, build_seconds, extra_output
+        self.run_cost = run_cost
+        self.active = self.max_active = 0
         self.builds: list[int] = []
         self.engines: list[FakeEngine] = []
         self.runs: list[tuple[int, int]] = []
@@ -121,15 +129,22 @@ class FakeBuilder:
             assert self._cond.wait_for(lambda: len(self.runs) >= n, timeout=30), f"{n} runs never began"
 
     def build(self, capacity: int) -> FakeEngine:
-        self._note(self.builds, capacity)
-        assert self.gate.wait(timeout=30), "build gate never opened"
-        if self.clock is not None:
-            self.clock.advance(self.build_seconds)
-        if capacity in self.fail:
-            raise self.fail_with or RuntimeError(f"fake build of capacity {capacity} failed")
-        engine = self.engine_class(self, capacity)
-        self.engines.append(engine)
-        return engine
+        with self._cond:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            self._note(self.builds, capacity)
+            assert self.gate.wait(timeout=30), "build gate never opened"
+            if self.clock is not None:
+                self.clock.advance(self.build_seconds)
+            if capacity in self.fail:
+                raise self.fail_with or RuntimeError(f"fake build of capacity {capacity} failed")
+            engine = self.engine_class(self, capacity)
+            self.engines.append(engine)
+            return engine
+        finally:
+            with self._cond:
+                self.active -= 1
 
     def engine(self, capacity: int) -> FakeEngine:
         """The latest engine built with this capacity."""

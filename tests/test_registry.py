@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from tests.fake_engines import ROW, FakeBuilder, FakeClock, FakePlanBuilder, model, tokens
 
+from service.engines.growth import BuildQueue, BuildTimes, RunTimes, wait_or_chunk
 from service.engines.plan_cache import PlanCache
 from service.engines.policy import Bucket, EnginePolicy, Mode, Rebuild, bucket_capacity, from_config
 from service.engines.registry import EngineRegistry
@@ -83,15 +84,18 @@ TABLES = {
 
 
 class Events:
-    """on_event recorder."""
+    """on_event recorder; `hooks[kind]()` runs when an event of that kind arrives (the test's move)."""
 
     def __init__(self) -> None:
         self.log: list[tuple[str, dict]] = []
+        self.hooks: dict[str, object] = {}
         self._lock = threading.Lock()
 
     def __call__(self, kind: str, **fields) -> None:
         with self._lock:
             self.log.append((kind, fields))
+        if kind in self.hooks:
+            self.hooks[kind]()
 
     def of(self, kind: str) -> list[dict]:
         with self._lock:
@@ -102,9 +106,11 @@ def make_pool(growth: str = "exact", **kwargs) -> BufferPool:
     return BufferPool([PoolTensor("x", F4, (ROW,))], [PoolTensor("y", F4, (ROW,))], growth=growth, **kwargs)
 
 
-def make(mode=Mode.REUSE, bucket=Bucket.POW2, rebuild=Rebuild.BACKGROUND, builder=None, **policy):
+def make(mode=Mode.REUSE, bucket=Bucket.POW2, rebuild=Rebuild.BACKGROUND, builder=None, build_seconds=2.0,
+         run_cost=(0.0, 0.0), **policy):
+    """A registry on a fake clock; the builder's builds and runs advance it by build_seconds, run_cost."""
     clock = FakeClock()
-    builder = builder or FakeBuilder(clock=clock, build_seconds=2.0)
+    builder = builder or FakeBuilder(clock=clock, build_seconds=build_seconds, run_cost=run_cost)
     events = Events()
     registry = EngineRegistry(builder, EnginePolicy(mode=mode, bucket=bucket, rebuild=rebuild, **policy),
                               max_batch_size=MAX_BATCH, on_event=events, clock=clock)
@@ -427,6 +433,268 @@ def test_plan_the_backend_refuses_is_discarded_and_rebuilt(tmp_path):
     assert [e["capacity"] for e in events.of("plan_load_failed")] == [4]
     assert builder.plan_builds == [4, 4]
     assert cache.get(cache.key(**builder.plan_key_parts(4))) is not None  # the rebuilt plan was stored
+
+
+# -- growth: chunk or wait, one build at a time, deterministic reasons -----------------------------
+
+def make_timed(run_cost, build_seconds=0.1, mode=Mode.REUSE, bucket=Bucket.POW2, **policy):
+    """A registry whose engine runs and builds advance the fake clock by known amounts, with a first
+    engine of capacity 1 that has run one batch (so its run time is known) and one build duration."""
+    registry, builder, events, clock = make(mode, bucket, Rebuild.BACKGROUND, build_seconds=build_seconds,
+                                            run_cost=run_cost, **policy)
+    pool = make_pool()
+    run_batch(registry, pool, 1)
+    return registry, builder, events, clock, pool
+
+
+def test_oversize_batch_waits_for_the_build_when_chunks_would_take_longer():
+    # A memory-bound engine: 0.02 s a run whatever the rows. Batch 8 on capacity 1: 8 runs, 0.16 s;
+    # waiting: the build (0.1 s, just started) then one run, 0.12 s. Wait.
+    registry, builder, events, _clock, pool = make_timed(run_cost=(0.02, 0.0))
+    builder.hold()
+    events.hooks["wait"] = builder.release  # the build finishes while the batch waits
+    run_batch(registry, pool, 8, seed=1)
+    assert builder.runs == [(1, 1), (8, 8)] and events.of("split") == []
+    (wait,) = events.of("wait")
+    assert (wait["batch"], wait["capacity"], wait["live_capacity"]) == (8, 8, 1)
+    assert wait["chunks_s"] == pytest.approx(0.16) and wait["wait_s"] == pytest.approx(0.12)
+    assert registry.stats()["waited_batches"] == 1 and registry.live_capacities() == [8]
+
+
+def test_oversize_batch_runs_by_chunks_when_that_is_sooner():
+    # 0.001 s a run: 8 chunks take 0.008 s, far less than the 0.1 s build. Chunk, no wait.
+    registry, builder, events, _clock, pool = make_timed(run_cost=(0.001, 0.0))
+    builder.hold()
+    run_batch(registry, pool, 8, seed=1)
+    assert builder.runs[1:] == [(1, 1)] * 8 and events.of("wait") == []
+    assert events.of("split") == [{"batch": 8, "capacity": 1, "chunks": 8}]
+    builder.release()
+    assert registry.wait_for_builds(timeout=30) and registry.stats()["waited_batches"] == 0
+
+
+@pytest.mark.parametrize("run_cost,waits", [((0.15, 0.01), True), ((0.01, 0.05), False)])
+def test_chunk_or_wait_from_run_time_fitted_by_rows(run_cost, waits):
+    # Runs cost a + b * rows; the first engine (capacity 4, EXACT) has seen batches of 1..4, so the fit
+    # is exact. Batch 8: chunks 2a + 8b, waiting for the build of 8 (0.1 s, just started) 0.1 + a + 8b.
+    # A large fixed cost per run (memory-bound) waits; a cost mostly per row (compute-bound) chunks.
+    registry, builder, events, _clock = make(Mode.REUSE, Bucket.EXACT, build_seconds=0.1, run_cost=run_cost)
+    pool = make_pool()
+    for batch in (4, 1, 2, 3, 4, 1, 3):
+        run_batch(registry, pool, batch)
+    assert registry.live_capacities() == [4]
+    builder.hold()
+    events.hooks["wait"] = builder.release
+    run_batch(registry, pool, 8, seed=1)
+    a, b = run_cost
+    if waits:
+        (wait,) = events.of("wait")
+        assert wait["chunks_s"] == pytest.approx(2 * a + 8 * b) and wait["wait_s"] == pytest.approx(0.1 + a + 8 * b)
+        assert builder.runs[-1] == (8, 8)
+    else:
+        assert events.of("wait") == [] and builder.runs[-2:] == [(4, 4), (4, 4)]
+        builder.release()
+    assert registry.wait_for_builds(timeout=30) and registry.live_capacities() == [8]
+
+
+@pytest.mark.parametrize("elapsed,waits", [(0.25, False), (0.9, True), (1.4, False), (1.8, True), (3.0, False)])
+def test_remaining_build_time_from_elapsed_time_and_past_durations(elapsed, waits):
+    # Builds took 1.0 s (mean 1.0, deviation 0.5 after one sample). Batch 8 on capacity 1 at 0.05 s a
+    # run: 0.4 s of chunks against remaining + 0.05 s, where remaining is 1.0 - elapsed up to the mean,
+    # then (1.0 + 2 * 0.5) - elapsed, and unknown (chunk) past 2.0 s.
+    registry, builder, events, clock = make(build_seconds=1.0, run_cost=(0.05, 0.0))
+    pool = make_pool()
+    run_batch(registry, pool, 1)
+    builder.hold()
+    run_batch(registry, pool, 5)  # starts the build of 8 (held); 5 chunks take 0.25 s: chunked
+    assert events.of("wait") == [] and registry.stats()["building"] == [8]
+    clock.advance(elapsed - 0.25)  # the build has now run for `elapsed`
+    events.hooks["wait"] = lambda: clock.advance(10.0)  # then the build is late: the wait ends in chunks
+    run_batch(registry, pool, 8, seed=1)
+    assert [w["batch"] for w in events.of("wait")] == ([8] if waits else [])
+    assert builder.runs[-8:] == [(1, 1)] * 8
+    builder.release()
+    assert registry.wait_for_builds(timeout=30)
+
+
+def test_waits_for_a_running_build_that_does_not_cover_the_batch_then_chunks_on_it():
+    # REUSE+EXACT, 0.05 s a run, builds 1.0 s. Batch 4 starts the build of 4 (4 chunks, 0.2 s, beat
+    # waiting 1.05 s). 0.9 s later batch 8 queues 8 behind it: 8 chunks on engine 1 take 0.4 s, waiting
+    # the 0.1 s left of build 4 and then 2 chunks on it 0.2 s. It waits for 4, then runs on 4.
+    registry, builder, events, clock, pool = make_timed(run_cost=(0.05, 0.0), build_seconds=1.0,
+                                                        bucket=Bucket.EXACT)
+    builder.hold()
+    run_batch(registry, pool, 4, seed=1)
+    assert events.of("wait") == [] and registry.stats()["building"] == [4]
+    clock.advance(0.9 - 0.2)  # the 4 chunks took 0.2 s: build 4 has run 0.9 s
+    events.hooks["wait"] = builder.release
+    events.hooks["build"] = builder.hold  # build 8 (next) stays held: the batch cannot get it
+    run_batch(registry, pool, 8, seed=2)
+    (wait,) = events.of("wait")
+    assert (wait["capacity"], wait["live_capacity"]) == (4, 1)
+    assert (wait["chunks_s"], wait["wait_s"]) == (pytest.approx(0.4), pytest.approx(0.2))
+    assert builder.runs[-2:] == [(4, 4), (4, 4)] and registry.stats()["building"] == [8]
+    builder.release()
+    assert registry.wait_for_builds(timeout=30) and registry.live_capacities() == [8]
+
+
+def test_a_wait_that_outlasts_the_chunk_estimate_falls_back_to_chunks():
+    registry, builder, events, clock, pool = make_timed(run_cost=(0.02, 0.0))
+    builder.hold()
+    events.hooks["wait"] = lambda: clock.advance(1.0)  # the build is late: the deadline passes
+    run_batch(registry, pool, 8, seed=1)
+    assert len(events.of("wait")) == 1 and builder.runs[1:] == [(1, 1)] * 8
+    assert events.of("split") == [{"batch": 8, "capacity": 1, "chunks": 8}]
+    assert registry.live_capacities() == [1] and registry.stats()["building"] == [8]
+    builder.release()
+    assert registry.wait_for_builds(timeout=30) and registry.live_capacities() == [8]
+
+
+def test_a_queued_build_is_never_waited_for():
+    # REUSE+EXACT, 0.05 s a run, builds 1.0 s. Batch 2 starts the build of 2 (held); 0.85 s into it,
+    # batch 5 queues 5 behind it. Chunks on engine 1: 0.25 s. Waiting for 2 (0.15 s left, then 3
+    # chunks) 0.3 s: chunk. Had 5 been running as long, waiting for it (0.15 + 0.05 s) would win, but
+    # it has not started, and when it will is unknown: chunk.
+    registry, builder, events, clock, pool = make_timed(run_cost=(0.05, 0.0), build_seconds=1.0,
+                                                        bucket=Bucket.EXACT)
+    builder.hold()
+    events.hooks["wait"] = lambda: clock.advance(10.0)
+    run_batch(registry, pool, 2, seed=1)  # 2 chunks, 0.1 s
+    clock.advance(0.75)
+    run_batch(registry, pool, 5, seed=2)
+    assert registry.stats()["building"] == [2] and registry.stats()["queued"] == [5]
+    assert builder.runs[1:] == [(1, 1)] * 7 and events.of("wait") == []
+    builder.release()
+    assert registry.wait_for_builds(timeout=30)
+
+
+def test_one_build_at_a_time_and_reuse_coalesces_queued_capacities():
+    registry, builder, events, _ = make(Mode.REUSE, Bucket.EXACT, Rebuild.BACKGROUND)
+    pool = make_pool()
+    run_batch(registry, pool, 1)
+    builder.hold()
+    run_batch(registry, pool, 2)  # builds 2 (held)
+    builder.wait_started(2)
+    run_batch(registry, pool, 3)  # queued behind 2
+    run_batch(registry, pool, 6)  # queued; drops 3 (REUSE keeps one engine: 3 would be retired at once)
+    run_batch(registry, pool, 4)  # covered by the queued 6
+    assert registry.stats()["building"] == [2] and registry.stats()["queued"] == [6]
+    assert builder.builds == [1, 2] and not registry.wait_for_builds(timeout=0)
+    builder.release()
+    assert registry.wait_for_builds(timeout=30)
+    assert builder.builds == [1, 2, 6] and builder.max_active == 1
+    assert [(e["capacity"], e["reason"]) for e in events.of("build")] == [(1, "first"), (2, "grow"), (6, "grow")]
+    assert registry.live_capacities() == [6] and registry.stats()["engines_live"] == 1
+
+
+def test_multi_buckets_requested_together_build_one_after_another_largest_first():
+    registry, builder, _events, _ = make(Mode.MULTI, Bucket.EXACT, Rebuild.BACKGROUND)
+    pool = make_pool()
+    run_batch(registry, pool, 8)  # first engine: 8
+    builder.hold()
+    for batch in (3, 1, 5, 2, 7, 4, 6):  # each runs on 8 at once and asks for its bucket
+        run_batch(registry, pool, batch)
+    assert builder.runs[1:] == [(8, b) for b in (3, 1, 5, 2, 7, 4, 6)]
+    assert registry.stats()["building"] == [3] and registry.stats()["queued"] == [1, 2, 4, 5, 6, 7]
+    builder.release()
+    assert registry.wait_for_builds(timeout=30)
+    assert builder.builds == [8, 3, 7, 6, 5, 4, 2, 1] and builder.max_active == 1
+    assert registry.live_capacities() == list(range(1, 9))
+    assert registry.stats()["builds"] == {"first": 1, "bucket": 7}
+
+
+def test_max_concurrent_builds_bounds_the_builds_running_at_once():
+    registry, builder, _, _ = make(Mode.MULTI, Bucket.EXACT, Rebuild.BACKGROUND, max_concurrent_builds=2)
+    pool = make_pool()
+    run_batch(registry, pool, 8)
+    builder.hold()
+    for batch in (1, 2, 3, 4):
+        run_batch(registry, pool, batch)
+    builder.wait_started(3)
+    assert registry.stats()["building"] == [1, 2] and registry.stats()["queued"] == [3, 4]
+    builder.release()
+    assert registry.wait_for_builds(timeout=30)
+    assert builder.max_active == 2 and sorted(builder.builds) == [1, 2, 3, 4, 8]
+    with pytest.raises(ConfigError, match="max_concurrent_builds"):
+        EnginePolicy(max_concurrent_builds=0)
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_build_reasons_depend_on_the_requests_not_on_when_builds_finish(hold):
+    # MULTI+EXACT, batches 1, 5, 3, 8: 3 is requested while 5 builds (hold) or after it finished;
+    # either way 5 is known when 3 is requested, so 3 is a "bucket" and 8 a "grow".
+    registry, builder, events, _ = make(Mode.MULTI, Bucket.EXACT, Rebuild.BACKGROUND)
+    pool = make_pool()
+    for batch in (1, 5, 3, 8):
+        if hold and batch == 5:
+            builder.hold()
+        run_batch(registry, pool, batch)
+        if not hold:
+            assert registry.wait_for_builds(timeout=30)
+    builder.release()
+    assert registry.wait_for_builds(timeout=30)
+    reasons = {e["capacity"]: e["reason"] for e in events.of("build")}
+    assert reasons == {1: "first", 5: "grow", 3: "bucket", 8: "grow"}
+    assert registry.live_capacities() == [1, 3, 5, 8]
+
+
+def test_a_batch_arriving_during_the_first_build_waits_for_it_and_then_grows():
+    # Batch 3 while the first engine (1) builds: it waits for that engine (no second "first" build
+    # beside it), then asks for 4 as a "grow". The same if it arrives after the first build.
+    registry, builder, events, _ = make(Mode.REUSE, Bucket.POW2, Rebuild.BACKGROUND)
+    builder.hold()
+    first = threading.Thread(target=run_batch, args=(registry, make_pool(), 1))
+    first.start()
+    builder.wait_started(1)
+    second = threading.Thread(target=run_batch, args=(registry, make_pool(), 3, 1))
+    second.start()
+    builder.release()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert registry.wait_for_builds(timeout=30)
+    assert builder.builds == [1, 4] and [e["reason"] for e in events.of("build")] == ["first", "grow"]
+    assert registry.live_capacities() == [4]
+
+
+def test_run_times_fit_and_build_times():
+    times = RunTimes()
+    assert times.predict(4) is None and times.chunked(1, 4) is None
+    for rows in (1, 4, 2, 8, 3):
+        times.add(rows, 0.009 + 0.001 * rows)
+    assert times.coefficients() == (pytest.approx(0.009), pytest.approx(0.001))
+    assert times.chunked(4, 10) == pytest.approx(3 * 0.009 + 10 * 0.001)
+    same = RunTimes()
+    for _ in range(3):
+        same.add(1, 0.01)
+    assert same.coefficients() == (pytest.approx(0.01), 0.0)  # one row size: time per run
+    builds = BuildTimes()
+    assert builds.remaining(0.0) is None
+    builds.add(1.0)
+    assert builds.remaining(0.25) == pytest.approx(0.75) and builds.remaining(1.5) == pytest.approx(0.5)
+    assert builds.remaining(2.5) is None
+    assert wait_or_chunk(same, 1, 64, builds, 64, None) is None  # not started: never wait
+    estimate = wait_or_chunk(same, 1, 64, builds, 64, 0.5)
+    assert estimate.wait and (estimate.chunks_s, estimate.wait_s) == (pytest.approx(0.64), pytest.approx(0.51))
+    estimate = wait_or_chunk(same, 1, 64, builds, 16, 0.5)  # then 4 chunks on the new engine
+    assert estimate.wait_s == pytest.approx(0.54)
+
+
+def test_build_queue_order_and_coalescing():
+    from service.engines.growth import Build
+
+    queue = BuildQueue(slots=1, coalesce=True)
+    assert queue.add(Build(2, "grow")) == [] and queue.take(0.0).capacity == 2
+    assert queue.add(Build(4, "grow")) == [] and queue.take(0.0) is None  # the slot is taken
+    assert [b.capacity for b in queue.add(Build(8, "grow"))] == [4]
+    queue.finish(queue.running[2])
+    assert queue.take(1.0).started_at == 1.0 and queue.capacities() == [8]
+    multi = BuildQueue(slots=1)
+    for c in (3, 1, 5):
+        multi.add(Build(c, "bucket"))
+    order = []
+    while (b := multi.take(0.0)) is not None:
+        order.append(b.capacity)
+        multi.finish(b)
+    assert order == [5, 3, 1]
 
 
 # -- policy ----------------------------------------------------------------------------------------

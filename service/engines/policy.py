@@ -30,7 +30,8 @@ class Bucket(enum.StrEnum):
 
 
 class Rebuild(enum.StrEnum):
-    """BACKGROUND: serve oversize batches in chunks while the larger engine builds. BLOCKING: wait."""
+    """BACKGROUND: while the larger engine builds, serve an oversize batch in chunks on a live engine,
+    or wait for the build when that is expected to be sooner (`growth.wait_or_chunk`). BLOCKING: wait."""
 
     BACKGROUND = "BACKGROUND"
     BLOCKING = "BLOCKING"
@@ -42,8 +43,9 @@ class EnginePolicy:
 
     `max_engines` (MULTI only) caps live engines, 0 = no cap. `warmup_batch_sizes` are capacities
     built before the model reports ready. A failed build is retried after `retry_backoff_s`, doubling
-    per consecutive failure up to `max_retry_backoff_s`. `pool_growth` is "geometric" or "exact";
-    `max_pool_bytes` None = no cap.
+    per consecutive failure up to `max_retry_backoff_s`. `max_concurrent_builds` bounds the builds
+    that run at once (the others queue; builds compete with serving for the same cores and memory).
+    `pool_growth` is "geometric" or "exact"; `max_pool_bytes` None = no cap.
     """
 
     mode: Mode = Mode.REUSE
@@ -54,6 +56,7 @@ class EnginePolicy:
     warmup_batch_sizes: tuple[int, ...] = ()
     retry_backoff_s: float = 1.0
     max_retry_backoff_s: float = 60.0
+    max_concurrent_builds: int = 1
     pool_growth: str = "geometric"
     max_pool_bytes: int | None = None
 
@@ -70,6 +73,8 @@ class EnginePolicy:
             raise ConfigError("engine_policy: bucket_sizes and warmup_batch_sizes must be >= 1")
         if self.max_engines < 0:
             raise ConfigError(f"engine_policy: max_engines must be >= 0, got {self.max_engines}")
+        if self.max_concurrent_builds < 1:
+            raise ConfigError(f"engine_policy: max_concurrent_builds must be >= 1, got {self.max_concurrent_builds}")
         if self.pool_growth not in ("geometric", "exact"):
             raise ConfigError(f"engine_policy: pool_growth must be geometric or exact, got {self.pool_growth!r}")
         if self.max_pool_bytes is not None and self.max_pool_bytes < 1:

@@ -5,24 +5,39 @@ M >= b. When none fits, an engine of capacity `policy.capacity_for(b)` is built.
 largest engine once it is live (smaller ones are closed when their in-flight work is done); MULTI keeps
 one engine per bucket (a batch whose bucket has no engine builds it) with an optional LRU cap.
 
-BACKGROUND rebuild serves the batch at once, by chunks on the largest live engine if none is large
-enough, while the new engine builds on a thread; the switch is one step under the registry's lock.
-The very first engine is built on the calling thread (reason "first"). BLOCKING builds on the calling
-thread (TVM's behaviour). A failed build leaves the live engines serving and is retried for a later
+Builds go through one queue per registry (`growth.BuildQueue`): at most
+`policy.max_concurrent_builds` (default 1) run at once, the largest queued capacity starts next, and
+REUSE drops a queued capacity when a larger one is queued. BACKGROUND rebuild runs queued builds on
+threads and serves meanwhile: a batch that some live engine fits runs on it (MULTI: a larger engine
+until its bucket is built); a batch larger than every live engine either runs at once in chunks on
+the largest live engine or waits for a running build of a larger engine, whichever is expected to
+finish sooner (`growth.wait_or_chunk`; the wait is bounded by the chunked time, then it chunks). The switch to a new
+engine is one step under the registry's lock. The very first engine is built on the calling thread,
+and batches arriving meanwhile wait for it. BLOCKING builds on the calling thread (TVM's behaviour),
+one build at a time too. A failed build leaves the live engines serving and is retried for a later
 batch after a backoff; only a registry with no engine at all fails requests.
 
-Events, `on_event(kind, **fields)`, called from the compute thread or a build thread:
-  "build"        capacity, reason ("first", "grow", "bucket", "warmup" or "cache_hit"), trigger (why it
-                 was needed: first/grow/bucket/warmup), duration_s, device_bytes
+Build reasons, fixed when the build is requested, so they depend on the order of requests and not on
+when builds finish: "first" (no engine live, building or queued), "grow" (a capacity larger than every
+engine live, building or queued), "bucket" (MULTI: smaller than one of those), "warmup" (`warm_up`);
+the reported reason is "cache_hit" instead when the engine was loaded from the plan cache (the event
+keeps the trigger).
+
+Events, `on_event(kind, **fields)`, called from the compute thread or a build thread, never under the lock:
+  "build"        capacity, reason ("first", "grow", "bucket", "warmup" or "cache_hit"), trigger (the
+                 reason it was requested with), duration_s, device_bytes
   "build_failed" capacity, trigger, duration_s, error, retry_in_s
   "release"      capacity, why ("reuse", "lru", "close"), device_bytes
   "split"        batch, capacity, chunks (a batch served by chunks while a larger engine builds)
+  "wait"         batch, capacity (of the awaited build), live_capacity, chunks_s, wait_s (expected
+                 seconds both ways: the batch waits for the build rather than run by chunks now)
 and, from the plan cache, "plan_load_failed" and "plan_cache_write_failed" (capacity, key, error).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -32,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from service.engines.adapters import device_memory_bytes, run_into, uses_device_buffers
+from service.engines.growth import Build, BuildQueue, BuildTimes, RunTimes, wait_or_chunk
 from service.engines.plan_cache import PlanCache, emit, load_or_build
 from service.engines.policy import EnginePolicy, Mode, Rebuild
 from service.errors import InternalError, InvalidArgument, ServeError, Unavailable
@@ -43,23 +59,18 @@ log = logging.getLogger(__name__)
 class _Slot:
     """A live engine and its bookkeeping (guarded by the registry's lock)."""
 
-    def __init__(self, engine: Any, capacity: int, tick: int) -> None:
+    def __init__(self, engine: Any, capacity: int, tick: int, times: RunTimes) -> None:
         self.engine, self.capacity, self.last_used = engine, capacity, tick
         self.device_bytes = device_memory_bytes(engine)
+        self.times = times  # seconds per run by rows, from its executed batches
         self.inflight = 0
         self.retired = ""  # why it was retired ("reuse", "lru", "close"); "" while selectable
         self.closed = False
 
 
-class _Build:
-    def __init__(self, capacity: int, trigger: str) -> None:
-        self.capacity, self.trigger = capacity, trigger
-        self.error: BaseException | None = None
-
-
 class EngineRegistry:
     """Engines of one model, by capacity. Thread-safe: `execute` from the compute loop (or several
-    threads), builds on background threads."""
+    threads), builds on background threads. `clock` (seconds, monotonic) times builds and runs."""
 
     def __init__(self, builder: Any, policy: EnginePolicy | None = None, max_batch_size: int = 1,
                  plan_cache: PlanCache | None = None, on_event: Callable[..., None] | None = None,
@@ -73,13 +84,15 @@ class EngineRegistry:
         self._cond = threading.Condition(threading.Lock())
         self._live: dict[int, _Slot] = {}  # selectable engines by capacity
         self._draining: list[_Slot] = []  # retired, closed when their in-flight work ends
-        self._building: dict[int, _Build] = {}
-        self._jobs = 0  # build jobs not yet fully finished (events sent, engines released)
+        self._queue = BuildQueue(self.policy.max_concurrent_builds, coalesce=self.policy.mode is Mode.REUSE)
+        self._build_times = BuildTimes()
+        self._jobs = 0  # builds queued or not yet fully finished (events sent, engines released)
         self._failures: dict[int, tuple[int, float, str]] = {}  # capacity -> (count, retry_at, error)
         self._tick = 0
         self._builds: Counter[str] = Counter()
         self._build_failures = 0
         self._splits = 0
+        self._waits = 0
         self._closed = False
 
     # -- public ------------------------------------------------------------------------------------
@@ -91,11 +104,9 @@ class EngineRegistry:
         if self.policy.mode is Mode.REUSE:
             sizes = sizes[-1:]
         for capacity in sizes:
-            with self._cond:
-                self._cond.wait_for(lambda c=capacity: c not in self._building)
-                if capacity in self._live:
-                    continue
-                build = self._register(capacity, "warmup")
+            build = self._claim(capacity)
+            if build is None:
+                continue
             self._build(build)
             if build.error is not None:
                 raise _serve_error(build.error, capacity)
@@ -124,13 +135,14 @@ class EngineRegistry:
             return sorted(self._live)
 
     def wait_for_builds(self, timeout: float | None = None) -> bool:
-        """Wait until no build is running (events sent, engines switched); False on timeout."""
+        """Wait until no build is queued or running (events sent, engines switched); False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: self._jobs == 0, timeout)
 
     def stats(self) -> dict[str, Any]:
         """builds (by reported reason), build_failures, engines_live (all not yet closed),
-        live_capacities, draining_capacities, building, max_capacity, engine_device_bytes, split_batches."""
+        live_capacities, draining_capacities, building, queued, max_capacity, engine_device_bytes,
+        split_batches, waited_batches (batches that waited for a build rather than run by chunks)."""
         with self._cond:
             slots = [*self._live.values(), *self._draining]
             return {
@@ -139,16 +151,20 @@ class EngineRegistry:
                 "engines_live": len(slots),
                 "live_capacities": sorted(self._live),
                 "draining_capacities": sorted(s.capacity for s in self._draining),
-                "building": sorted(self._building),
+                "building": sorted(self._queue.running),
+                "queued": sorted(self._queue.queued),
                 "max_capacity": max(self._live, default=0),
                 "engine_device_bytes": sum(s.device_bytes for s in slots),
                 "split_batches": self._splits,
+                "waited_batches": self._waits,
             }
 
     def close(self) -> None:
-        """Release every engine (in-flight ones when they finish; running builds when they end)."""
+        """Release every engine (in-flight ones when they finish; running builds when they end);
+        queued builds are dropped."""
         with self._cond:
             self._closed = True
+            self._jobs -= len(self._queue.clear())
             for s in self._live.values():
                 s.retired = "close"
             slots = [*self._live.values(), *self._draining]
@@ -157,6 +173,7 @@ class EngineRegistry:
             idle = [s for s in slots if not s.inflight and not s.closed]
             for s in idle:
                 s.closed = True
+            self._cond.notify_all()
         for s in idle:
             self._close(s)
 
@@ -166,86 +183,135 @@ class EngineRegistry:
         may_build = True
         while True:
             with self._cond:
-                build = self._decide(batch, may_build)
-                if build is None:
-                    slot = self._fit(batch) or self._live[max(self._live)]
-                    slot.inflight += 1
+                choice = self._decide(batch, may_build)
+                if isinstance(choice, _Slot):
+                    choice.inflight += 1
                     self._tick += 1
-                    slot.last_used = self._tick
-                    return slot
-            self._build(build)  # synchronously, on this thread
-            if build.error is not None:
+                    choice.last_used = self._tick
+                    return choice
+            self._build(choice)  # synchronously, on this thread
+            if choice.error is not None:
                 may_build = False  # serve from what is live; a later batch retries after the backoff
                 with self._cond:
                     if not self._live:
-                        raise _serve_error(build.error, build.capacity)
+                        raise _serve_error(choice.error, choice.capacity)
 
-    def _decide(self, batch: int, may_build: bool) -> _Build | None:
-        """Under the lock: None = serve now from the live engines; else a build to run on this thread.
-        Waits (releasing the lock) where the policy says to wait for a running build."""
+    def _decide(self, batch: int, may_build: bool) -> _Slot | Build:
+        """Under the lock: the live engine to run on now, or a started build to run on this thread.
+        Waits (releasing the lock) for a build where the policy or the estimates say so."""
+        awaited: Build | None = None  # the build an oversize batch waits for, until `deadline`
+        deadline = math.inf
         while True:
             if self._closed:
                 raise Unavailable("the model's engines are closed (unloading)")
             fit = self._fit(batch)
             target = self.policy.capacity_for(batch, self.max_batch_size)
             if fit is not None and (self.policy.mode is Mode.REUSE or fit.capacity <= target):
-                return None
+                return fit
             if not may_build and self._live:
-                return None
-            background = self.policy.rebuild is Rebuild.BACKGROUND and bool(self._live)
-            if self._covering_build(batch, target):
-                if background:
-                    return None
-                self._cond.wait()
+                return fit or self._largest()
+            build = self._covering(batch, target)
+            if build is None:
+                failure = self._failures.get(target)
+                if failure is not None and self.clock() < failure[1]:
+                    if self._live:
+                        return fit or self._largest()
+                    raise Unavailable(
+                        f"no engine: building capacity {target} failed {failure[0]} time(s) ({failure[2]}); "
+                        f"retrying in {failure[1] - self.clock():.1f}s"
+                    )
+                build = self._request(target, self._trigger(target))
+            if self.policy.rebuild is Rebuild.BACKGROUND and self._live:
+                self._start_queued()
+                if fit is not None:  # MULTI: a larger engine serves the batch until its bucket is built
+                    return fit
+                largest = self._largest()
+                if awaited is None or self._queue.running.get(awaited.capacity) is not awaited:
+                    awaited, until = self._plan_wait(largest, batch)
+                    if awaited is None:
+                        return largest  # by chunks
+                    deadline = min(deadline, until)
+                    continue  # the lock was released to report the wait: look again
+                timeout = deadline - self.clock()
+                if timeout <= 0:
+                    return largest  # by chunks
+                self._cond.wait(timeout)
                 continue
-            failure = self._failures.get(target)
-            if failure is not None and self.clock() < failure[1]:
-                if self._live:
-                    return None
-                raise Unavailable(
-                    f"no engine: building capacity {target} failed {failure[0]} time(s) ({failure[2]}); "
-                    f"retrying in {failure[1] - self.clock():.1f}s"
-                )
-            build = self._register(target, self._trigger(target))
-            if not background:
+            # BLOCKING, or no engine yet: build it here, or wait for the thread that does.
+            if self._queue.take(self.clock(), build) is build:
                 return build
-            threading.Thread(target=self._build, args=(build,), daemon=True,
-                             name=f"engine-build-{target}").start()
-            return None
+            self._cond.wait()
 
     def _fit(self, batch: int) -> _Slot | None:
         return next((self._live[c] for c in sorted(self._live) if c >= batch), None)
 
-    def _covering_build(self, batch: int, target: int) -> bool:
+    def _largest(self) -> _Slot:
+        return self._live[max(self._live)]
+
+    def _covering(self, batch: int, target: int) -> Build | None:
+        """A build running or queued that will serve `batch` (a running one first); with no engine
+        live, whatever is building: the first engine, which every batch waits for."""
+        pending = sorted((self._queue.get(c) for c in self._queue.capacities()),
+                         key=lambda b: (b.started_at is None, b.capacity))
+        if not self._live:
+            return pending[0] if pending else None
         if self.policy.mode is Mode.REUSE:
-            return any(c >= batch for c in self._building)
-        return any(batch <= c <= target for c in self._building)
+            return next((b for b in pending if b.capacity >= batch), None)
+        return next((b for b in pending if batch <= b.capacity <= target), None)
 
     def _trigger(self, capacity: int) -> str:
-        if not self._live:
+        known = [*self._live, *self._queue.capacities()]
+        if not known:
             return "first"
-        return "grow" if capacity > max(self._live) else "bucket"
+        return "grow" if capacity > max(known) else "bucket"
+
+    def _plan_wait(self, slot: _Slot, batch: int) -> tuple[Build | None, float]:
+        """Under the lock: the running build `batch` should wait for rather than run by chunks on
+        `slot` (the largest live engine), and until when; (None, -inf): chunk now. A wait is reported,
+        with the lock released for the call."""
+        now, best = self.clock(), None
+        for build in self._queue.running.values():
+            if build.capacity > slot.capacity:
+                estimate = wait_or_chunk(slot.times, slot.capacity, batch, self._build_times, build.capacity,
+                                         now - build.started_at)
+                if estimate is not None and estimate.wait and (best is None or estimate.wait_s < best[1].wait_s):
+                    best = build, estimate
+        if best is None:
+            return None, -math.inf
+        build, estimate = best
+        self._waits += 1
+        self._cond.release()
+        try:
+            emit(self.on_event, "wait", batch=batch, capacity=build.capacity, live_capacity=slot.capacity,
+                 chunks_s=estimate.chunks_s, wait_s=estimate.wait_s)
+        finally:
+            self._cond.acquire()
+        return build, now + estimate.chunks_s
 
     # -- running -----------------------------------------------------------------------------------
 
     def _run(self, slot: _Slot, batch: int, buffers: BufferSet) -> dict[str, np.ndarray]:
         engine, chunk = slot.engine, min(slot.capacity, batch)
         device = uses_device_buffers(engine)
+        start = self.clock()
         if device:
             buffers.upload()
         extras = []
-        for start in range(0, batch, chunk):
-            part = buffers if chunk == batch else buffers.slice(start, min(start + chunk, batch))
+        for first in range(0, batch, chunk):
+            part = buffers if chunk == batch else buffers.slice(first, min(first + chunk, batch))
             inputs = {**part.inputs, **part.device_inputs} if device else part.inputs
             outputs = {**part.outputs, **part.device_outputs} if device else part.outputs
             extras.append(run_into(engine, inputs, outputs))
         if device:
             buffers.download()
-        if len(extras) == 1:
-            return extras[0]
+        chunks, seconds = len(extras), self.clock() - start
         with self._cond:
-            self._splits += 1
-        emit(self.on_event, "split", batch=batch, capacity=slot.capacity, chunks=len(extras))
+            slot.times.add(batch / chunks, seconds / chunks)  # per chunk: exact for time = a + b * rows
+            if chunks > 1:
+                self._splits += 1
+        if chunks == 1:
+            return extras[0]
+        emit(self.on_event, "split", batch=batch, capacity=slot.capacity, chunks=chunks)
         return {name: np.concatenate([e[name] for e in extras]) for name in extras[0]}
 
     def _done(self, slot: _Slot) -> None:
@@ -260,14 +326,37 @@ class EngineRegistry:
 
     # -- building and releasing --------------------------------------------------------------------
 
-    def _register(self, capacity: int, trigger: str) -> _Build:
-        build = _Build(capacity, trigger)
-        self._building[capacity] = build
-        self._jobs += 1
+    def _request(self, capacity: int, trigger: str) -> Build:
+        """Under the lock: queue a build (REUSE: dropping smaller queued ones)."""
+        build = Build(capacity, trigger)
+        dropped = self._queue.add(build)
+        self._jobs += 1 - len(dropped)
+        if dropped:
+            self._cond.notify_all()
         return build
 
-    def _build(self, build: _Build) -> None:
-        """Build and install one engine, or record the failure; never raises."""
+    def _claim(self, capacity: int) -> Build | None:
+        """For warm-up: the build of `capacity`, started for this thread to run; None once it is live."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise Unavailable("the model's engines are closed (unloading)")
+                if capacity in self._live:
+                    return None
+                build = self._queue.get(capacity) or self._request(capacity, "warmup")
+                if self._queue.take(self.clock(), build) is build:
+                    return build
+                self._cond.wait()
+
+    def _start_queued(self) -> None:
+        """Under the lock (BACKGROUND): start queued builds on threads while a build slot is free."""
+        while (build := self._queue.take(self.clock())) is not None:
+            threading.Thread(target=self._build, args=(build,), daemon=True,
+                             name=f"engine-build-{build.capacity}").start()
+
+    def _build(self, build: Build) -> None:
+        """Build and install one started build's engine, or record the failure; never raises. Then,
+        under BACKGROUND, the next queued build starts."""
         capacity, start = build.capacity, self.clock()
         try:
             try:
@@ -277,9 +366,12 @@ class EngineRegistry:
                 return
             duration = self.clock() - start
             with self._cond:
+                self._queue.finish(build)
+                self._build_times.add(duration)
                 self._tick += 1
-                slot = _Slot(engine, capacity, self._tick)
-                del self._building[capacity]
+                # A new engine starts from the run times of the largest live one (the same network).
+                times = self._largest().times.copy() if self._live else RunTimes()
+                slot = _Slot(engine, capacity, self._tick, times)
                 self._failures.pop(capacity, None)
                 reason = "cache_hit" if cached else build.trigger
                 self._builds[reason] += 1
@@ -298,15 +390,17 @@ class EngineRegistry:
         finally:
             with self._cond:
                 self._jobs -= 1
+                if self.policy.rebuild is Rebuild.BACKGROUND and self._live and not self._closed:
+                    self._start_queued()
                 self._cond.notify_all()
 
-    def _failed(self, build: _Build, exc: Exception, duration: float) -> None:
+    def _failed(self, build: Build, exc: Exception, duration: float) -> None:
         log.warning("engine build for capacity %d failed: %s", build.capacity, exc)
         with self._cond:
             count = self._failures.get(build.capacity, (0, 0.0, ""))[0] + 1
             delay = min(self.policy.retry_backoff_s * 2 ** (count - 1), self.policy.max_retry_backoff_s)
             self._failures[build.capacity] = (count, self.clock() + delay, str(exc))
-            del self._building[build.capacity]
+            self._queue.finish(build)
             self._build_failures += 1
             build.error = exc
             self._cond.notify_all()
