@@ -50,7 +50,7 @@ test-gpu: install models
 	$(PY) -m pytest -q -m gpu
 
 bench: install models
-	$(PY) -m bench.serving
+	$(PY) -m bench.run
 
 lint: install
 	$(VENV)/bin/ruff check service tests bench examples

@@ -1,0 +1,89 @@
+"""Fast checks of the benchmark tooling: the floor server answers like trtserve, and the report assembles
+whatever the scenarios left behind (no real benchmark runs here)."""
+
+from __future__ import annotations
+
+import json
+import queue
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from bench import report
+from bench.floor_server import constant_response
+from bench.overhead import FloorProcess
+from bench.run import Scenario, run_one
+
+
+@pytest.mark.parametrize("flags", [(), ("--parse", "--interceptor", "--hop")], ids=["raw", "parse+interceptor+hop"])
+def test_floor_server_answers_the_constant_response(flags):
+    expected = constant_response()
+    x = np.ones((1, 16), dtype=np.float32)
+    with FloorProcess(*flags) as floor:
+        client = grpcclient.InferenceServerClient(floor.url)
+        try:
+            inp = grpcclient.InferInput("x", [1, 16], "FP32")
+            inp.set_data_from_numpy(x)
+            result = client.infer("tiny", [inp])
+            response = result.get_response()
+            assert response.model_name == "tiny" and response.model_version == "1"
+            assert response.ByteSize() == expected.ByteSize() == 90  # trtserve's answer for tiny, batch 1
+            y = result.as_numpy("y")
+            assert y.shape == (1, 16) and y.dtype == np.float32 and not y.any()
+
+            answers: queue.Queue = queue.Queue()
+            client.start_stream(callback=lambda result, error: answers.put((result, error)))
+            for _ in range(3):
+                client.async_stream_infer("tiny", [inp])
+            for _ in range(3):
+                res, err = answers.get(timeout=10)
+                assert err is None
+                assert res.as_numpy("y").shape == (1, 16)
+            client.stop_stream()
+        finally:
+            client.close()
+
+
+def test_report_assembles_fixture_results(tmp_path):
+    (tmp_path / "overhead.md").write_text(
+        "# Serving overhead\n\n| mode | clients | ratio |\n|---|---|---|\n| unary | 8 | 71% |\n\n"
+        "![plot](overhead.png)\n")
+    (tmp_path / "overhead.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "batching.md").write_text("# Batching\n\n| clients | inferences/s |\n|---|---|\n| 32 | 1234 |\n")
+    (tmp_path / "batching-extra.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "profile.md").write_text("# Profile\n\nmetrics are 9% of the frontend\n")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "soak.log").write_text("starting\nTraceback: boom at minute 1\n")
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "REPORT-gpu.md").write_text("# GPU end to end\n\n![sweep](sweep.png) [log](gpu-tests.log)\n")
+    (tmp_path / "run.json").write_text(json.dumps({"full": False, "finished": "today", "scenarios": [
+        {"name": "overhead", "command": ".venv/bin/python -m bench.overhead --quick", "rc": 0, "seconds": 61.2,
+         "log": "logs/overhead.log"},
+        {"name": "soak", "command": ".venv/bin/python -m bench.soak --quick --minutes 2", "rc": 1, "seconds": 70,
+         "log": "logs/soak.log"},
+    ]}))
+
+    text = report.build(tmp_path)
+
+    assert "## Machine" in text and "| grpcio |" in text and "| Python |" in text
+    assert "`.venv/bin/python -m bench.overhead --quick`" in text
+    assert "| unary | 8 | 71% |" in text and "### Serving overhead" in text  # included, heading nested
+    assert "| 32 | 1234 |" in text and "[batching-extra.png](batching-extra.png)" in text
+    assert text.index("## overhead") < text.index("## batching") < text.index("## soak")
+    assert "FAILED (exit 1)" in text and "boom at minute 1" in text  # the failure is recorded, not fatal
+    assert "metrics are 9% of the frontend" in text
+    assert "(gpu/sweep.png)" in text and "(gpu/gpu-tests.log)" in text
+    assert "## What this does not cover" in text and "TensorRT execution was not run" in text
+
+
+def test_report_without_gpu_results_or_run_record(tmp_path):
+    (tmp_path / "overhead.md").write_text("# Serving overhead\n\nnothing measured\n")
+    text = report.build(tmp_path)
+    assert "No run record" in text and "No GPU results" in text and "nothing measured" in text
+
+
+def test_a_failing_scenario_is_recorded_not_raised(tmp_path):
+    record = run_one(Scenario("no_such_scenario", (), (), 60), False, tmp_path)
+    assert record["rc"] != 0
+    assert "No module named" in (tmp_path / record["log"]).read_text()
