@@ -230,9 +230,9 @@ def test_pool_cap_refuses_an_oversize_batch_and_keeps_serving(server):
     infer(client, model, 1, seed=5)
     assert server.proc.poll() is None and server.worker_pid(model) == worker
     assert worker in [p.pid for p in server.workers()]
-    # The refused batches built nothing: 2 (first), then 4 (grow); the pool holds 4 rows of x and y.
+    # The refused batches built nothing: 1 (first, at load), then 2 and 4 (grow); the pool holds 4 rows.
     wait_figures(server.metrics_port, model, {
-        "builds": {"first": 1, "grow": 1}, "engine_max_batch_size": 4, "engines_live": 1,
+        "builds": {"first": 1, "grow": 2}, "engine_max_batch_size": 4, "engines_live": 1,
         "pool_host": POOL_CAP, "buffer_pool_cap_bytes": POOL_CAP, "requests_OK": 3,
         "requests_RESOURCE_EXHAUSTED": 2, "worker_restarts": 0,
     })

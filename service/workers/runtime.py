@@ -84,8 +84,19 @@ class ModelRuntime:
         cache = PlanCache(options.engine_cache_dir, self._on_event) if options.engine_cache_dir else None
         self.registry = EngineRegistry(self._builder, policy, spec.max_batch_size, cache, self._on_event)
         self.registry.warm_up()
+        if not self.registry.live_capacities():
+            self._first_engine()
         self._grows = 0
         self.refresh_gauges()
+
+    def _first_engine(self) -> None:
+        """Build the first engine (capacity for one row) and run one zero row through it, so a model that
+        cannot run here fails to load instead of failing its first request."""
+        row = Item(1, {t.name: (np.full((1, *(max(d, 1) for d in t.dims)), b"", dtype=object)
+                                if t.datatype == "BYTES"
+                                else np.zeros((1, *(max(d, 1) for d in t.dims)), numpy_dtype(t.datatype)))
+                       for t in self.spec.inputs})
+        self._run_batch([row])
 
     def _make_allocator(self) -> Any:
         """Device buffers with pinned staging for models on a GPU, page-aligned host memory otherwise."""
