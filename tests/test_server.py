@@ -149,3 +149,15 @@ def test_statistics_and_metrics_move(server):
     assert 'trtserve_inference_requests_total{model="tiny",status="OK",version="1"}' in text
     assert 'trtserve_model_ready{model="mlp",version="1"} 1.0' in text
     assert "no-such-model" not in text
+
+
+def test_server_reflection_lists_and_describes_the_services(server):
+    import grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(server.url) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
+        infer = db.FindFileContainingSymbol("inference.GRPCInferenceService")
+        assert infer.name == "inference.proto" and "ModelInferRequest" in [m.name for m in infer.message_type]

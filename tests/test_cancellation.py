@@ -1,0 +1,52 @@
+"""A request the client cancels while it waits in the queue is dropped there and never executed."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import time
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from tests.server import start
+
+
+def test_cancelled_request_is_dropped_from_the_queue(tmp_path, example_repo):
+    repo = tmp_path / "repo"
+    (repo / "slow" / "1").mkdir(parents=True)
+    shutil.copy(example_repo / "convnet" / "1" / "model.onnx", repo / "slow" / "1" / "model.onnx")
+    config = (example_repo / "convnet" / "config.pbtxt").read_text().replace('name: "convnet"', 'name: "slow"')
+    (repo / "slow" / "config.pbtxt").write_text(config)
+    with start(repo, ["--intra-op-threads", "1"]) as server:
+        client = grpcclient.InferenceServerClient(server.url)
+        x = np.random.default_rng(0).standard_normal((32, 16, 32, 32), dtype=np.float32)
+        busy_in = grpcclient.InferInput("x", list(x.shape), "FP32")
+        busy_in.set_data_from_numpy(x)
+        one = grpcclient.InferInput("x", [1, 16, 32, 32], "FP32")
+        one.set_data_from_numpy(x[:1])
+        before = client.get_inference_statistics("slow").model_stats[0]
+
+        answers: queue.Queue = queue.Queue()
+        client.async_infer("slow", [busy_in], lambda result, error: answers.put(("busy", result, error)))
+        time.sleep(0.2)  # the busy batch is running in the worker now
+        call = client.async_infer("slow", [one], lambda result, error: answers.put(("cancelled", result, error)))
+        time.sleep(0.2)  # ...and this one waits behind it in the worker's queue
+        call.cancel()
+        got = {}
+        for _ in range(2):
+            name, result, error = answers.get(timeout=60)
+            got[name] = (result, error)
+        assert got["busy"][1] is None and got["busy"][0].as_numpy("y").shape == (32, 10)
+        assert got["cancelled"][1] is not None and "CANCELLED" in str(got["cancelled"][1]).upper()
+
+        # A request after it runs normally; the cancelled one never ran.
+        assert client.infer("slow", [one]).as_numpy("y").shape == (1, 10)
+        deadline = time.monotonic() + 10  # executions arrive with the worker's next stats report
+        while (after := client.get_inference_statistics("slow").model_stats[0]).execution_count < 2:
+            assert time.monotonic() < deadline, after
+            time.sleep(0.1)
+        time.sleep(0.5)
+        after = client.get_inference_statistics("slow").model_stats[0]
+        assert after.inference_count - before.inference_count == 33  # 32 busy rows + the last request
+        assert after.execution_count - before.execution_count == 2
