@@ -66,6 +66,37 @@ def _device_used() -> int:
     return int(total - free)
 
 
+class CpuShare:
+    """CPU used by the server's frontend process and by its workers while a load runs, in cores: one
+    frontend process near 1.0 core means the frontend's event loop is the bottleneck."""
+
+    def __init__(self, server) -> None:
+        import psutil
+
+        self.frontend = psutil.Process(server.proc.pid)
+        self.workers = server.workers()
+
+    def _times(self) -> tuple[float, float]:
+        def cpu(p) -> float:
+            t = p.cpu_times()
+            return t.user + t.system
+        return cpu(self.frontend), sum(cpu(w) for w in self.workers)
+
+    def __enter__(self) -> CpuShare:
+        self.t0, self.start = time.monotonic(), self._times()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.monotonic() - self.t0
+        end = self._times()
+        self.frontend_cores = (end[0] - self.start[0]) / wall
+        self.worker_cores = (end[1] - self.start[1]) / wall
+
+    def __str__(self) -> str:
+        return (f"frontend process {self.frontend_cores:.2f} cores, model workers {self.worker_cores:.2f} cores "
+                "(user + system CPU over the run)")
+
+
 def engine_alone(repo: Path, model: str, batch: int, seconds: float) -> float:
     """Inferences/s of the ONNX Runtime engine in this process at `batch` (host inputs, like the server)."""
     from service.engines.onnxruntime_backend import OnnxRuntimeBuilder
@@ -104,13 +135,15 @@ def main() -> None:
         x8 = {"x": rng.standard_normal((8, 16, 32, 32), dtype=np.float32)}
         before = (_metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"'),
                   _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"'))
-        served = run_load_processes(server.url, "convnet", x8, 64, args.seconds, {"x": "FP32"}, processes=8)
+        with CpuShare(server) as convnet_cpu:
+            served = run_load_processes(server.url, "convnet", x8, 64, args.seconds, {"x": "FP32"}, processes=8)
         rows = _metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"') - before[0]
         execs = _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"') - before[1]
         mean_batch = rows / max(execs, 1)
         # (b) tiny, batch-1 requests from 64 clients: the frontend's ceiling.
         x1 = {"x": rng.standard_normal((1, 16), dtype=np.float32)}
-        tiny = run_load_processes(server.url, "tiny", x1, 64, args.seconds, {"x": "FP32"}, processes=8)
+        with CpuShare(server) as tiny_cpu:
+            tiny = run_load_processes(server.url, "tiny", x1, 64, args.seconds, {"x": "FP32"}, processes=8)
     alone = engine_alone(repo, "convnet", max(1, round(mean_batch)), min(args.seconds, 10))
     ratio = served.rps * 8 / alone
     lines += ["## (a) convnet: batch-8 requests, 64 clients, dynamic batching", "",
@@ -119,9 +152,11 @@ def main() -> None:
               f"| {served.rps * 8:.0f} | {served.percentile_ms(50):.1f} | {served.percentile_ms(99):.1f} | "
               f"{served.errors} | {mean_batch:.1f} | {alone:.0f} | {ratio:.0%} ({'PASS' if ratio >= 0.8 else 'FAIL'}"
               " against the 80% goal) |", "",
+              f"Where the time went: {convnet_cpu}", "",
               "## (b) tiny: batch-1 requests, 64 clients (frontend ceiling)", "",
               "| requests/s | p50 ms | p99 ms | errors |", "|---|---|---|---|",
-              f"| {tiny.rps:.0f} | {tiny.percentile_ms(50):.2f} | {tiny.percentile_ms(99):.2f} | {tiny.errors} |", ""]
+              f"| {tiny.rps:.0f} | {tiny.percentile_ms(50):.2f} | {tiny.percentile_ms(99):.2f} | {tiny.errors} |", "",
+              f"Where the time went: {tiny_cpu}", ""]
     lines += sweep(repo, args.seconds)
     (args.out / "REPORT-gpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
