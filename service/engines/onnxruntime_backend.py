@@ -55,6 +55,8 @@ _ISA_FLAGS = frozenset({
     "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
     "asimd", "asimddp", "asimdhp", "fphp", "i8mm", "bf16", "sve", "sve2",
 })
+# IOBindings an engine keeps (one per set of views; the pool's views change only when it grows).
+_MAX_BINDINGS = 16
 # Where a model loaded from bytes finds its external weights (ONNX Runtime session config key).
 _EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 
@@ -152,12 +154,16 @@ class OnnxRuntimeEngine:
         self._batched = spec.max_batch_size > 0
         self._inputs = [(t.name, numpy_dtype(t.datatype), t) for t in spec.inputs]
         self._input_names = frozenset(t.name for t in spec.inputs)
+        self._input_order = [t.name for t in spec.inputs]
         self._output_names = [t.name for t in spec.outputs]
         self._output_dtypes = {t.name: numpy_dtype(t.datatype) for t in spec.outputs}
         # IOBinding takes fixed-size elements only: BYTES models run through `run` (and copies).
         self._strings = any(t.datatype == "BYTES" for t in (*spec.inputs, *spec.outputs))
         cuda = CUDA in session.get_providers()
         self.buffer_memory = "device" if cuda and not self._strings else "host"
+        # `_binding_key` -> (IOBinding, device ids): the pool hands the same views batch after batch,
+        # so their binding is made once (binding costs more than the run for a small model).
+        self._bindings: dict[tuple, tuple[Any, set[int]]] = {}
 
     @property
     def providers(self) -> list[str]:
@@ -186,8 +192,72 @@ class OnnxRuntimeEngine:
         self._check(inputs)
         if self._strings:
             return self._run_and_copy(inputs, outputs)
-        binding = session.io_binding()
+        self._check_views(outputs)
+        key = self._binding_key(inputs, outputs)
+        # Taken out while it runs, so that a concurrent run with the same views binds its own.
+        cached = self._bindings.pop(key, None) if key is not None else None
         held: list[np.ndarray] = []  # contiguous input copies, alive until the run ends
+        allocated: list[str] = []  # outputs ONNX Runtime allocates (no usable view)
+        if cached is None:
+            binding, device_ids = self._bind(session, inputs, outputs, held, allocated)
+        else:
+            binding, device_ids = cached
+        foreign = bool(device_ids) and self.stream is None  # the pool's views, filled on its own stream
+        if foreign:
+            _synchronize(device_ids)
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise InternalError(f"model '{self.spec.name}': onnxruntime run failed: {exc}") from exc
+        if foreign:
+            _synchronize(device_ids)  # before the pool copies the outputs back on its stream
+        if key is not None:
+            if len(self._bindings) >= _MAX_BINDINGS:
+                self._bindings.clear()
+            self._bindings[key] = (binding, device_ids)
+        if not allocated:
+            return {}  # every output was written into its view: no OrtValues to fetch
+        results = dict(zip(self._output_names, binding.get_outputs()))
+        extra: dict[str, np.ndarray] = {}
+        for name in allocated:
+            array, view = results[name].numpy(), outputs.get(name)
+            if view is None:
+                extra[name] = array
+            else:
+                self._copy_into(name, view, array)
+        return extra
+
+    def _check_views(self, outputs: Mapping[str, Any]) -> None:
+        for name in self._output_names:
+            view, dtype = outputs.get(name), self._output_dtypes[name]
+            if view is not None and view.dtype != dtype:
+                raise InternalError(f"model '{self.spec.name}': output '{name}' view is {view.dtype}, "
+                                    f"expected {dtype}")
+            if isinstance(view, np.ndarray) and not view.flags.writeable:
+                raise InternalError(f"model '{self.spec.name}': output '{name}' view is read-only")
+
+    def _binding_key(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> tuple | None:
+        """What a binding of these views binds: each view's address and shape, inputs then outputs
+        in spec order (the pool's addresses change when it grows). None when the binding cannot be
+        reused: an input needs a contiguous copy or an output has no usable view."""
+        key = []
+        for view in (*(inputs[name] for name in self._input_order),
+                     *(outputs.get(name) for name in self._output_names)):
+            if view is None:
+                return None
+            if hasattr(view, "ptr"):
+                key.append((int(view.ptr), int(view.device_id), tuple(view.shape)))
+            elif view.flags.c_contiguous:
+                key.append((view.ctypes.data, view.shape))
+            else:
+                return None
+        return tuple(key)
+
+    def _bind(self, session: ort.InferenceSession, inputs: Mapping[str, Any], outputs: Mapping[str, Any],
+              held: list[np.ndarray], allocated: list[str]) -> tuple[Any, set[int]]:
+        """A new IOBinding of the views, and the devices they are on. Appends the input copies it
+        made to `held` and the outputs left to ONNX Runtime to allocate to `allocated`."""
+        binding = session.io_binding()
         device_ids: set[int] = set()
         for name, dtype, _ in self._inputs:
             value = inputs[name]
@@ -199,14 +269,8 @@ class OnnxRuntimeEngine:
             array = value if value.flags.c_contiguous else np.ascontiguousarray(value)
             held.append(array)
             binding.bind_input(name, "cpu", 0, dtype.type, list(array.shape), array.ctypes.data)
-        allocated: list[str] = []  # outputs ONNX Runtime allocates (no usable view)
         for name in self._output_names:
             view, dtype = outputs.get(name), self._output_dtypes[name]
-            if view is not None and view.dtype != dtype:
-                raise InternalError(f"model '{self.spec.name}': output '{name}' view is {view.dtype}, "
-                                    f"expected {dtype}")
-            if isinstance(view, np.ndarray) and not view.flags.writeable:
-                raise InternalError(f"model '{self.spec.name}': output '{name}' view is read-only")
             if hasattr(view, "ptr"):
                 device_ids.add(int(view.device_id))
                 binding.bind_output(name, "cuda", int(view.device_id), dtype.type, list(view.shape),
@@ -216,24 +280,7 @@ class OnnxRuntimeEngine:
             else:
                 binding.bind_output(name, "cpu")
                 allocated.append(name)
-        foreign = bool(device_ids) and self.stream is None  # the pool's views, filled on its own stream
-        if foreign:
-            _synchronize(device_ids)
-        try:
-            session.run_with_iobinding(binding)
-        except Exception as exc:
-            raise InternalError(f"model '{self.spec.name}': onnxruntime run failed: {exc}") from exc
-        if foreign:
-            _synchronize(device_ids)  # before the pool copies the outputs back on its stream
-        results = dict(zip(self._output_names, binding.get_outputs()))
-        extra: dict[str, np.ndarray] = {}
-        for name in allocated:
-            array, view = results[name].numpy(), outputs.get(name)
-            if view is None:
-                extra[name] = array
-            else:
-                self._copy_into(name, view, array)
-        return extra
+        return binding, device_ids
 
     def _run_and_copy(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if any(hasattr(v, "ptr") for v in (*inputs.values(), *outputs.values())):
@@ -304,6 +351,7 @@ class OnnxRuntimeEngine:
     def close(self) -> None:
         """Drop the session (ONNX Runtime frees it when the last reference goes)."""
         self._session = None
+        self._bindings = {}
 
 
 class OnnxRuntimeBuilder:

@@ -83,6 +83,10 @@ class EngineRegistry:
         self.plan_cache, self.on_event, self.clock = plan_cache, on_event, clock
         self._cond = threading.Condition(threading.Lock())
         self._live: dict[int, _Slot] = {}  # selectable engines by capacity
+        # batch -> the live engine `_decide` picks for it at once (its first answer depends only on
+        # `_live` and the frozen policy): cleared whenever `_live` changes, so a steady stream of
+        # batches skips re-deciding.
+        self._chosen: dict[int, _Slot] = {}
         self._draining: list[_Slot] = []  # retired, closed when their in-flight work ends
         self._queue = BuildQueue(self.policy.max_concurrent_builds, coalesce=self.policy.mode is Mode.REUSE)
         self._build_times = BuildTimes()
@@ -169,6 +173,7 @@ class EngineRegistry:
                 s.retired = "close"
             slots = [*self._live.values(), *self._draining]
             self._live.clear()
+            self._chosen.clear()
             self._draining = [s for s in slots if s.inflight]
             idle = [s for s in slots if not s.inflight and not s.closed]
             for s in idle:
@@ -183,7 +188,7 @@ class EngineRegistry:
         may_build = True
         while True:
             with self._cond:
-                choice = self._decide(batch, may_build)
+                choice = self._chosen.get(batch) or self._decide(batch, may_build)
                 if isinstance(choice, _Slot):
                     choice.inflight += 1
                     self._tick += 1
@@ -207,6 +212,7 @@ class EngineRegistry:
             fit = self._fit(batch)
             target = self.policy.capacity_for(batch, self.max_batch_size)
             if fit is not None and (self.policy.mode is Mode.REUSE or fit.capacity <= target):
+                self._chosen[batch] = fit  # the same answer until the live engines change
                 return fit
             if not may_build and self._live:
                 return fit or self._largest()
@@ -381,6 +387,7 @@ class EngineRegistry:
                     slot.retired, slot.closed, released = "reuse", True, [slot]
                 else:
                     self._live[capacity] = slot
+                    self._chosen.clear()
                     released = self._retire_for(slot)
                 self._cond.notify_all()
             emit(self.on_event, "build", capacity=capacity, reason=reason, trigger=build.trigger,
@@ -420,6 +427,7 @@ class EngineRegistry:
         idle = []
         for slot, why in retire:
             del self._live[slot.capacity]
+            self._chosen.clear()
             slot.retired = why
             if slot.inflight:
                 self._draining.append(slot)

@@ -8,6 +8,8 @@ converted to raw form with numpy so the worker sees one format.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from service import tensors
@@ -178,6 +180,8 @@ def _typed_to_raw(tensor: inference_pb2.ModelInferRequest.InferInputTensor, data
 
 def _requested_outputs(request: inference_pb2.ModelInferRequest, spec: ModelSpec) -> list[str]:
     known = [t.name for t in spec.outputs]
+    if not len(request.outputs):
+        return known
     names: list[str] = []
     for output in request.outputs:
         if output.name not in known:
@@ -195,6 +199,37 @@ def _requested_outputs(request: inference_pb2.ModelInferRequest, spec: ModelSpec
     return names or known
 
 
+def _decode_common(request: inference_pb2.ModelInferRequest, spec: ModelSpec,
+                   raw: list[bytes]) -> list[WireTensor] | None:
+    """The common request in one pass: raw contents, inputs in config order without parameters,
+    fixed dims, no BYTES or BOOL. None for anything else, valid or not: `decode_request` then runs
+    every check and names what is wrong. What this accepts, those checks accept with the same result
+    (a positive byte count that the data matches also bounds the shape)."""
+    inputs = request.inputs
+    if not raw or len(raw) != len(inputs) or len(inputs) != len(spec.inputs):
+        return None
+    max_batch = spec.max_batch_size
+    batch = None
+    decoded: list[WireTensor] = []
+    for cfg, tensor, data in zip(spec.inputs, inputs, raw):
+        if (tensor.name != cfg.name or tensor.datatype != cfg.datatype or cfg.datatype in ("BYTES", "BOOL")
+                or len(tensor.parameters) or tensor.HasField("contents") or min(cfg.dims, default=0) < 0):
+            return None
+        shape = tuple(tensor.shape)
+        if max_batch > 0:
+            if (len(shape) != len(cfg.dims) + 1 or shape[1:] != cfg.dims or not 0 < shape[0] <= max_batch
+                    or shape[0] != (batch or shape[0])):
+                return None
+            batch = shape[0]
+        elif shape != cfg.dims:
+            return None
+        nbytes = math.prod(shape) * NUMPY_DTYPES[cfg.datatype].itemsize
+        if not nbytes or len(data) != nbytes:
+            return None
+        decoded.append(WireTensor(cfg.name, cfg.datatype, shape, data))
+    return decoded
+
+
 def decode_request(
     request: inference_pb2.ModelInferRequest, spec: ModelSpec
 ) -> tuple[list[WireTensor], list[str]]:
@@ -202,9 +237,12 @@ def decode_request(
 
     Raises InvalidArgument, naming the input and what was expected, for anything malformed.
     """
+    raw = list(request.raw_input_contents)  # each access copies out of the message: do it once
+    common = _decode_common(request, spec, raw)
+    if common is not None:
+        return common, _requested_outputs(request, spec)
     index_of = _check_names(request, spec)
     output_names = _requested_outputs(request, spec)
-    raw = list(request.raw_input_contents)  # each access copies out of the message: do it once
     if raw:
         typed = [t.name for t in request.inputs if t.HasField("contents")]
         if typed:

@@ -139,6 +139,8 @@ class BufferPool:
         self._rows = 0
         self._buffers: dict[str, Buffer] = {}
         self._grows = 0
+        # rows -> the views `_view` made for them: the same until the buffers change (grow, close)
+        self._cached: dict[int, BufferSet] = {}
 
     @property
     def capacity_rows(self) -> int:
@@ -170,7 +172,14 @@ class BufferPool:
         with self._lock:
             if batch > self._rows:
                 self._grow(batch)
-            return self._view(batch)
+            views = self._cached.get(batch)
+            if views is None:
+                views = self._view(batch)
+                if self._buffers:  # batch 0 of an empty pool gets fresh arrays each time
+                    self._cached[batch] = views
+        # Fresh dicts around the same views: callers add their unpooled inputs to them.
+        return BufferSet(batch, dict(views.inputs), dict(views.outputs), dict(views.device_inputs),
+                         dict(views.device_outputs), views._allocator, views._in, views._out)
 
     def _grow(self, batch: int) -> None:
         cap = self.max_pool_bytes
@@ -200,6 +209,7 @@ class BufferPool:
                 self.allocator.free(buf)
             raise
         old, self._buffers, self._rows = self._buffers, new, target
+        self._cached.clear()
         self._grows += 1
         if old:
             self.allocator.sync()  # work queued on the old buffers must finish before they go
@@ -236,3 +246,4 @@ class BufferPool:
                 for buf in self._buffers.values():
                     self.allocator.free(buf)
             self._buffers, self._rows = {}, 0
+            self._cached.clear()
