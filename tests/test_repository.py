@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import pickle
 from pathlib import Path
 
@@ -242,7 +243,7 @@ def test_unsafe_or_unknown_names_are_not_found(tmp_path: Path, name: object) -> 
 def test_parent_model_via_dotdot_is_not_found(tmp_path: Path) -> None:
     make_model(tmp_path, "escape")
     (tmp_path / "repo").mkdir()
-    with pytest.raises(NotFound, match="model '../escape' is not in the repository"):
+    with pytest.raises(NotFound, match=re.escape("model '../escape' is not in the repository")):
         ModelRepository(tmp_path / "repo").load_spec("../escape")
 
 
