@@ -19,7 +19,6 @@ and writes its output rows in place, host views on the CPU, device views under C
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -35,7 +34,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.datatypes import numpy_dtype
-from service.engines.plan_cache import hash_file
+from service.engines.plan_cache import ModelDigest
 from service.errors import ConfigError, InternalError, InvalidArgument, Unavailable
 from service.proto import model_config_pb2
 from service.repository import ModelSpec, TensorSpec
@@ -370,7 +369,7 @@ class OnnxRuntimeBuilder:
         self.intra_op_threads = intra_op_threads
         self.stream = stream
         self._lock = threading.Lock()
-        self._digest: tuple[tuple, str] | None = None
+        self._model_digest = ModelDigest(spec.model_path)
         self._cpu: str | None = None
         # The plan build_plan returned last and the session it was verified with: the load_plan that
         # follows a build (the registry's cache miss) takes that session instead of opening another.
@@ -522,25 +521,6 @@ class OnnxRuntimeBuilder:
         if self._cpu is None:
             self._cpu = f"cpu:{platform.machine()}:{_cpu_features()}"
         return self._cpu
-
-    def _model_digest(self) -> str:
-        """sha256 of the model file, or of it and the files beside it (external weights), by name;
-        recomputed only when a file's size or mtime changes."""
-        path = self.spec.model_path
-        beside = sorted(p for p in path.parent.iterdir()
-                        if p.is_file() and p != path and not p.name.startswith("."))
-        files = [path, *beside]
-        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-        if self._digest is not None and self._digest[0] == stamp:
-            return self._digest[1]
-        if beside:
-            lines = "".join(f"{p.name}\0{hash_file(p)}\n" for p in files)
-            digest = hashlib.sha256(lines.encode()).hexdigest()
-        else:
-            digest = hash_file(path)
-        self._digest = (stamp, digest)
-        return digest
-
 
 def _open_envelope(model: str, plan: bytes) -> tuple[dict[str, Any], bytes]:
     """(header, model bytes) of a plan; PlanError when it is not one, or truncated or damaged."""

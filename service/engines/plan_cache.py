@@ -46,6 +46,29 @@ def hash_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class ModelDigest:
+    """sha256 of a model file, or of it and the files beside it (external weights) by name: the plan
+    key's model part. Recomputed only when a file's size or mtime changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cached: tuple[tuple, str] | None = None
+
+    def __call__(self) -> str:
+        beside = sorted(p for p in self.path.parent.iterdir()
+                        if p.is_file() and p != self.path and not p.name.startswith("."))
+        files = [self.path, *beside]
+        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        if self._cached is None or self._cached[0] != stamp:
+            if beside:
+                lines = "".join(f"{p.name}\0{hash_file(p)}\n" for p in files)
+                digest = hashlib.sha256(lines.encode()).hexdigest()
+            else:
+                digest = hash_file(self.path)
+            self._cached = (stamp, digest)
+        return self._cached[1]
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()

@@ -11,7 +11,6 @@ pool's, as on the ONNX Runtime GPU path; `run` stages numpy arrays itself (Engin
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.engines.plan_cache import ModelDigest
 from service.engines.tensorrt_build import (
     PRECISIONS,
     PlanOptions,
@@ -236,7 +236,7 @@ class TensorRTBuilder:
         self.opt_batch_size = int(opt_batch_size)
         self.device = device
         self.stream = stream  # the buffer pool's CUDA stream, which engines run on (None: their own)
-        self._digest: tuple[tuple, str] | None = None
+        self._model_digest = ModelDigest(spec.model_path)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, cache_dir: Path | None = None, device: int | None = None,
@@ -345,20 +345,3 @@ class TensorRTBuilder:
                 raise PlanLoadError(f"model '{self.spec.name}': the plan serves batches up to {top}, "
                                     f"not {capacity}", rebuild=True)
 
-    def _model_digest(self) -> str:
-        """sha256 of the model file and the other files beside it (external weights), cached by stat."""
-        path = self.spec.model_path
-        beside = sorted(p for p in path.parent.iterdir()
-                        if p.is_file() and p != path and not p.name.startswith("."))
-        files = [path, *beside]
-        stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
-        if self._digest is not None and self._digest[0] == stamp:
-            return self._digest[1]
-        digest = hashlib.sha256()
-        for p in files:
-            digest.update(p.name.encode() + b"\0")
-            with p.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        self._digest = (stamp, digest.hexdigest())
-        return self._digest[1]
