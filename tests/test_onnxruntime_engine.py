@@ -19,11 +19,8 @@ from google.protobuf import text_format
 
 from service.datatypes import DATATYPE_OF_CONFIG_TYPE, NUMPY_DTYPES
 from service.engines.base import Engine, EngineBuilder
-from service.engines.onnxruntime_backend import (
-    OnnxRuntimeBuilder,
-    OnnxRuntimeEngine,
-    providers_for,
-)
+from service.engines.onnxruntime_backend import OnnxRuntimeBuilder, providers_for
+from service.engines.onnxruntime_engine import OnnxRuntimeEngine
 from service.errors import ConfigError, InvalidArgument, Unavailable
 from service.proto import model_config_pb2
 from service.repository import ModelSpec, TensorSpec
