@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import json_format
 
 from service import __version__
 from service.errors import ServeError
@@ -152,6 +153,4 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
 def _statistics(stats: dict) -> pb.ModelStatistics:
     """ModelStatistics from the metrics accumulator's plain dict."""
-    from google.protobuf import json_format
-
     return json_format.ParseDict(stats, pb.ModelStatistics(), ignore_unknown_fields=True)
