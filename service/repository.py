@@ -43,6 +43,14 @@ class ModelSpec:
     use_gpu: bool
     config: model_config_pb2.ModelConfig
 
+    @property
+    def gpu_device(self) -> int:
+        """The CUDA device the model runs on: the first `gpus` entry of its KIND_GPU group, else 0."""
+        for group in self.config.instance_group:
+            if group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and group.gpus:
+                return int(group.gpus[0])
+        return 0
+
 
 
 CONFIG_FILENAME = "config.pbtxt"

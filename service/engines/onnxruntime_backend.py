@@ -33,7 +33,6 @@ import onnxruntime as ort
 from service.engines.onnxruntime_engine import CUDA, OnnxRuntimeEngine
 from service.engines.plan_cache import ModelDigest
 from service.errors import ConfigError, InvalidArgument, Unavailable
-from service.proto import model_config_pb2
 from service.repository import ModelSpec, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -71,13 +70,6 @@ _ORT_TYPES: dict[str, str] = {
 }
 
 
-def _gpu_device_id(spec: ModelSpec) -> int:
-    for group in spec.config.instance_group:
-        if group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and group.gpus:
-            return int(group.gpus[0])
-    return 0
-
-
 def providers_for(spec: ModelSpec, stream: int | None = None) -> list[str | tuple[str, dict[str, Any]]]:
     """Execution providers for a model: CUDA first (then CPU) when the config asks for a GPU, else CPU.
     `stream` (a CUDA stream handle) makes the CUDA provider run on it, e.g. the buffer pool's stream.
@@ -92,7 +84,7 @@ def providers_for(spec: ModelSpec, stream: int | None = None) -> list[str | tupl
             f"onnxruntime {ort.__version__} has no {CUDA} (available: "
             f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use KIND_CPU"
         )
-    options = {"device_id": str(_gpu_device_id(spec))}
+    options = {"device_id": str(spec.gpu_device)}
     if stream is not None:
         options |= {"has_user_compute_stream": "1", "user_compute_stream": str(int(stream))}
     return [(CUDA, options), CPU]
@@ -291,7 +283,7 @@ class OnnxRuntimeBuilder:
 
     def _device(self, providers: list[Any]) -> str:
         if any(_name(p) == CUDA for p in providers):
-            return f"cuda:{_gpu_device_id(self.spec)}"
+            return f"cuda:{self.spec.gpu_device}"
         if self._cpu is None:
             self._cpu = f"cpu:{platform.machine()}:{_cpu_features()}"
         return self._cpu

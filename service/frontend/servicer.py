@@ -22,7 +22,6 @@ from service.workers.manager import ModelManager, require_explicit
 
 Context = grpc.aio.ServicerContext
 EXTENSIONS = ["model_repository", "model_repository(unload_dependents)", "statistics", "model_configuration"]
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 
 
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
@@ -53,7 +52,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         spec = self._models.spec(request.name, request.version)
         inputs, outputs = codec.tensor_metadata(spec)
         return pb.ModelMetadataResponse(name=spec.name, versions=[str(spec.version)],
-                                        platform=PLATFORMS.get(spec.backend, spec.backend),
+                                        platform=spec.config.platform,
                                         inputs=inputs, outputs=outputs)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:

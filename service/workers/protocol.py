@@ -11,7 +11,6 @@ import asyncio
 import json
 import struct
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
 _LEN = struct.Struct("<I")
@@ -81,11 +80,3 @@ async def read_framed(reader: asyncio.StreamReader) -> bytes:
     if n == -1:  # Connection's prefix for frames of 2 GiB and more
         (n,) = struct.unpack("!Q", await reader.readexactly(8))
     return await reader.readexactly(n)
-
-
-def send(conn: Connection, header: dict[str, Any], payload: bytes | memoryview | None = None) -> None:
-    conn.send_bytes(encode(header, payload))
-
-
-def recv(conn: Connection) -> tuple[dict[str, Any], memoryview]:
-    return decode(conn.recv_bytes())

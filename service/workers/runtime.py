@@ -56,11 +56,6 @@ class Execution:
         return sum(i.rows for i in self.items)
 
 
-def _gpu_id(spec: ModelSpec) -> int:
-    groups = [g for g in spec.config.instance_group if g.gpus]
-    return groups[0].gpus[0] if groups else 0
-
-
 class ModelRuntime:
     """Runs batches for one model inside its worker; reports engine and pool figures to `stats`."""
 
@@ -103,7 +98,7 @@ class ModelRuntime:
         if self.spec.use_gpu:
             from service.memory.allocators import CudaAllocator
 
-            return CudaAllocator(_gpu_id(self.spec))
+            return CudaAllocator(self.spec.gpu_device)
         return HostAllocator()
 
     def _make_builder(self, options: WorkerOptions) -> EngineBuilder:
@@ -117,7 +112,7 @@ class ModelRuntime:
             from service.engines.tensorrt_backend import TensorRTBuilder
 
             return TensorRTBuilder.from_spec(self.spec, cache_dir=options.engine_cache_dir,
-                                             device=_gpu_id(self.spec),
+                                             device=self.spec.gpu_device,
                                              stream=getattr(self._allocator, "stream", None))
         raise ConfigError(f"model '{self.spec.name}': backend '{self.spec.backend}' is not supported")
 
