@@ -8,6 +8,7 @@ returned, also when the caller gave up (cancelled) while the worker was still wr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -142,6 +143,12 @@ class WorkerHandle:
             self._send_quietly({"op": protocol.STOP})
             await asyncio.get_running_loop().run_in_executor(None, process.join, timeout_s)
         await self._kill()
+        if process is not None:
+            # The exit handler may have run while this join was reaping the child and so seen no exit
+            # code yet; close the handle here too, or its pipe fds wait for garbage collection.
+            with contextlib.suppress(ValueError):  # ValueError: the exit handler closed it already
+                process.join()
+                process.close()
         if self._arena is not None:
             self._arena.close()
             self._arena = None
