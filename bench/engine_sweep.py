@@ -20,6 +20,7 @@ import argparse
 import itertools
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server import EXAMPLES, ROOT, start
 
+GPU_GROUP = "instance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]"
 MAX_BATCH = 64
 ROW_BYTES = 1024 * 4  # x and y are FP32 [N, 1024]
 STATS_LAG_S = 0.15  # workers report every 0.1 s, sampled every 0.05 s
@@ -64,8 +66,10 @@ def make_stream(kind: str, n: int, seed: int) -> list[int]:
     return [1] + [int(rng.integers(ranges[p][0], ranges[p][1] + 1)) for p in picks]
 
 
-def write_repo(root: Path, model: Path) -> None:
+def write_repo(root: Path, model: Path, gpu: bool = False) -> None:
     config = (EXAMPLES / "mlp" / "config.pbtxt").read_text()
+    if gpu:  # ONNX Runtime's CUDA provider, pool in device memory
+        config = re.sub(r"instance_group \[.*?\]", "", config, flags=re.S) + "\n" + GPU_GROUP + "\n"
     for name, policy in CONFIGS.items():
         (root / name / "1").mkdir(parents=True)
         try:  # the server refuses symlinks that leave the repository: hard link, or copy
@@ -285,6 +289,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--gpu", action="store_true", help="run mlp on GPU 0 (ONNX Runtime's CUDA provider)")
     args = parser.parse_args()
     n = args.requests or (80 if args.quick else 400)
     model = EXAMPLES / "mlp" / "1" / "model.onnx"
@@ -297,7 +302,7 @@ def main() -> None:
     for stream in ("uniform", "skewed"):
         batches = make_stream(stream, n, args.seed)
         with tempfile.TemporaryDirectory() as tmp:  # a fresh server per stream: every policy starts cold
-            write_repo(Path(tmp), model.resolve())
+            write_repo(Path(tmp), model.resolve(), args.gpu)
             with start(Path(tmp)) as server:
                 for config in CONFIGS:
                     run = Run(config, stream, batches)
@@ -308,16 +313,17 @@ def main() -> None:
     rows = [analyse(r, weight_bytes) for r in runs]
     results = goals(rows)
     cmd = "python -m bench.engine_sweep" + (" --quick" if args.quick else "") + \
-          (f" --requests {args.requests}" if args.requests else "")
+          (f" --requests {args.requests}" if args.requests else "") + (" --gpu" if args.gpu else "")
     cpu = platform.processor() or platform.machine()
+    where = "GPU 0 (CUDA provider)" if args.gpu else "the CPU"
     report = "\n".join([
         "# Engine policy sweep (mlp, max_batch_size 64)", "",
         f"`{cmd}` ({n} requests per stream, {args.clients} closed-loop clients, seed {args.seed}; "
-        f"{os.cpu_count()} CPUs, {cpu}, ONNX Runtime on the CPU; {time.monotonic() - started:.0f} s; load "
+        f"{os.cpu_count()} CPUs, {cpu}, ONNX Runtime on {where}; {time.monotonic() - started:.0f} s; load "
         f"average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end).", "",
         table(rows), "",
-        f"- Engine bytes on the CPU are an estimate: engines_live x {weight_bytes / 2**20:.1f} MiB (the model's "
-        "weights; trtserve_engine_device_memory_bytes is 0 under CPU ONNX Runtime). Pool bytes are "
+        f"- Engine bytes are an estimate: engines_live x {weight_bytes / 2**20:.1f} MiB (the model's "
+        "weights; ONNX Runtime reports no engine memory, trtserve_engine_device_memory_bytes is 0). Pool bytes are "
         "trtserve_buffer_pool_bytes. Both sampled from /metrics every 50 ms. \"held\" is the largest sample "
         "outside build windows; \"peak\" includes the switch, when the old engine is still draining.",
         "- Growth requests: sent after the first engine was live and overlapping a build window (inferred "
@@ -330,7 +336,10 @@ def main() -> None:
     ])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine_sweep.md").write_text(report)
-    plot(runs, weight_bytes, args.out / "engine_sweep.png")
+    try:
+        plot(runs, weight_bytes, args.out / "engine_sweep.png")
+    except ImportError:  # the GPU machine has no matplotlib; the table is the result
+        print("matplotlib is not installed: no plot")
     print(report)
     print(f"wrote {args.out / 'engine_sweep.md'} and {args.out / 'engine_sweep.png'}")
 

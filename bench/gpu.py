@@ -9,6 +9,7 @@ Needs onnxruntime-gpu (CUDAExecutionProvider) and cuda-python; models come from 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -17,14 +18,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from bench.engine_sweep import GPU_GROUP
 from bench.load import run_load_processes
 from tests.server import ROOT, start
-
-GPU_GROUP = "instance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]"
 
 
 def _repo(out: Path, models: Path) -> Path:
@@ -97,6 +98,25 @@ class CpuShare:
                 "(user + system CPU over the run)")
 
 
+@contextlib.contextmanager
+def profiled(py_spy: Path | None, server, model: str, seconds: float, out: Path) -> Iterator[None]:
+    """With `py_spy`: sample the frontend and `model`'s worker while the block runs (raw collapsed stacks,
+    idle excluded, to out/profile-<model>-<process>.txt)."""
+    if py_spy is None:
+        yield
+        return
+    pids = {"frontend": server.proc.pid, "worker": server.worker_pid(model)}
+    spies = [subprocess.Popen([str(py_spy), "record", "--rate", "200", "--format", "raw", "--duration",
+                               str(max(1, int(seconds) - 1)), "-o", str(out / f"profile-{model}-{name}.txt"),
+                               "--pid", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name, pid in pids.items()]
+    try:
+        yield
+    finally:
+        for p in spies:
+            p.wait(60)
+
+
 def engine_alone(repo: Path, model: str, batch: int, seconds: float) -> float:
     """Inferences/s of the ONNX Runtime engine in this process at `batch` (host inputs, like the server)."""
     from service.engines.onnxruntime_backend import OnnxRuntimeBuilder
@@ -120,6 +140,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu")
+    parser.add_argument("--py-spy", type=Path, default=None,
+                        help="py-spy executable: profile the frontend and the worker during (a) and (b)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     models = ROOT / "examples" / "models"
@@ -135,14 +157,14 @@ def main() -> None:
         x8 = {"x": rng.standard_normal((8, 16, 32, 32), dtype=np.float32)}
         before = (_metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"'),
                   _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"'))
-        with CpuShare(server) as convnet_cpu:
+        with CpuShare(server) as convnet_cpu, profiled(args.py_spy, server, "convnet", args.seconds, args.out):
             served = run_load_processes(server.url, "convnet", x8, 64, args.seconds, {"x": "FP32"}, processes=8)
         rows = _metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"') - before[0]
         execs = _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"') - before[1]
         mean_batch = rows / max(execs, 1)
         # (b) tiny, batch-1 requests from 64 clients: the frontend's ceiling.
         x1 = {"x": rng.standard_normal((1, 16), dtype=np.float32)}
-        with CpuShare(server) as tiny_cpu:
+        with CpuShare(server) as tiny_cpu, profiled(args.py_spy, server, "tiny", args.seconds, args.out):
             tiny = run_load_processes(server.url, "tiny", x1, 64, args.seconds, {"x": "FP32"}, processes=8)
     alone = engine_alone(repo, "convnet", max(1, round(mean_batch)), min(args.seconds, 10))
     ratio = served.rps * 8 / alone

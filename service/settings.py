@@ -22,6 +22,7 @@ class ServerSettings:
     shm_bytes_per_model: int = 64 << 20
     max_request_bytes: int = 64 << 20
     intra_op_threads: int = 0
+    intra_op_spinning: bool = False  # ONNX Runtime CPU threads busy-wait between runs
     max_inflight_per_model: int = 1024
     worker_hang_timeout_seconds: float = 120.0
     tls_cert: Path | None = None

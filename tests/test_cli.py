@@ -19,6 +19,20 @@ def test_defaults(monkeypatch):
     s = _settings(["serve", "--model-repository", "repo"], monkeypatch)
     assert (s.model_repository, s.host, s.grpc_port, s.metrics_port) == (Path("repo"), "0.0.0.0", 8001, 8002)
     assert s.model_control_mode == "none" and s.load_models == () and s.engine_cache_dir is None
+    assert s.intra_op_spinning is False
+
+
+@pytest.mark.parametrize(("value", "expected"), [("off", False), ("0", False), ("No", False), ("on", True),
+                                                 ("true", True), ("1", True)])
+def test_on_off_switch(monkeypatch, value, expected):
+    argv = ["serve", "--model-repository", "r", "--intra-op-spinning", value]
+    assert _settings(argv, monkeypatch).intra_op_spinning is expected
+
+
+def test_bad_switch_is_refused(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        _settings(["serve", "--model-repository", "r", "--intra-op-spinning", "sometimes"], monkeypatch)
+    assert "expected on or off, got 'sometimes'" in capsys.readouterr().err
 
 
 def test_every_flag_has_an_environment_variable(monkeypatch):
@@ -28,7 +42,8 @@ def test_every_flag_has_an_environment_variable(monkeypatch):
         "TRTSERVE_LOAD_MODEL": "tiny mlp", "TRTSERVE_ENGINE_CACHE_DIR": "/cache",
         "TRTSERVE_SHUTDOWN_GRACE_SECONDS": "5", "TRTSERVE_WORKER_START_TIMEOUT_SECONDS": "7",
         "TRTSERVE_SHM_BYTES_PER_MODEL": "1048576", "TRTSERVE_MAX_REQUEST_BYTES": "2048",
-        "TRTSERVE_INTRA_OP_THREADS": "2", "TRTSERVE_LOG_LEVEL": "debug", "TRTSERVE_ENGINE_MODE": "multi",
+        "TRTSERVE_INTRA_OP_THREADS": "2", "TRTSERVE_INTRA_OP_SPINNING": "on", "TRTSERVE_LOG_LEVEL": "debug",
+        "TRTSERVE_ENGINE_MODE": "multi",
         "TRTSERVE_ENGINE_BUCKET": "EXACT", "TRTSERVE_ENGINE_REBUILD": "BLOCKING",
         "TRTSERVE_MAX_INFLIGHT_PER_MODEL": "9", "TRTSERVE_WORKER_HANG_TIMEOUT_SECONDS": "11",
         "TRTSERVE_TLS_CERT": "/c.pem", "TRTSERVE_TLS_KEY": "/k.pem", "TRTSERVE_TLS_CLIENT_CA": "/ca.pem",
@@ -40,6 +55,7 @@ def test_every_flag_has_an_environment_variable(monkeypatch):
     assert (s.shutdown_grace_seconds, s.worker_start_timeout_seconds) == (5.0, 7.0)
     assert (s.shm_bytes_per_model, s.max_request_bytes, s.intra_op_threads, s.log_level) == (1048576, 2048, 2, "debug")
     assert (s.engine_mode, s.engine_bucket, s.engine_rebuild) == ("MULTI", "EXACT", "BLOCKING")
+    assert s.intra_op_spinning is True
     assert (s.max_inflight_per_model, s.worker_hang_timeout_seconds) == (9, 11.0)
     assert (s.tls_cert, s.tls_key, s.tls_client_ca) == (Path("/c.pem"), Path("/k.pem"), Path("/ca.pem"))
     # every serve flag is covered above

@@ -53,8 +53,8 @@ max_batch_size: 32
 input [ {{ name: "x" data_type: TYPE_FP32 dims: [ {ROW} ] }} ]
 output [ {{ name: "y" data_type: TYPE_FP32 dims: [ {ROW} ] }} ]
 instance_group [ {{ kind: KIND_GPU gpus: [ 0 ] }} ]
-engine_policy {{ mode: REUSE warmup_batch_sizes: [ 32 ] pool_growth: EXACT_FIT }}
-""")
+engine_policy {{ mode: REUSE warmup_batch_sizes: [ 32 ] pool_growth: EXACT_FIT padding: PADDING_OFF }}
+""")  # without padding the pool grows with the batches sent, which is what this test follows
     return tmp_path, c
 
 

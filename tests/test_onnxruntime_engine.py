@@ -19,7 +19,7 @@ from google.protobuf import text_format
 
 from service.datatypes import DATATYPE_OF_CONFIG_TYPE, NUMPY_DTYPES
 from service.engines.base import Engine, EngineBuilder
-from service.engines.onnxruntime_backend import OnnxRuntimeBuilder, providers_for
+from service.engines.onnxruntime_backend import OnnxRuntimeBuilder, providers_for, session_options
 from service.engines.onnxruntime_engine import OnnxRuntimeEngine
 from service.errors import ConfigError, InvalidArgument, Unavailable
 from service.proto import model_config_pb2
@@ -212,6 +212,13 @@ def test_read_only_zero_copy_inputs(repo: Path, full_engines) -> None:
     outputs = full_engines("mixed").run(views)
     assert list(outputs) == ["sum", "scaled"]  # spec order
     assert_matches("mixed", outputs, reference_outputs("mixed", model_file(repo, "mixed"), inputs))
+
+
+def test_intra_op_threads_sleep_between_runs_unless_spinning_is_on() -> None:
+    key = "session.intra_op.allow_spinning"
+    assert session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(Exception, match=key):  # not set: ONNX Runtime's own default (spin)
+        session_options(spinning=True).get_session_config_entry(key)
 
 
 def test_closed_engine_is_unavailable(repo: Path) -> None:

@@ -136,7 +136,10 @@ def test_batch_sequence_tables(mode, bucket, rebuild):
         TABLES[mode, bucket]
     ):
         n_builds, n_runs, n_events = len(builder.builds), len(builder.runs), len(events.of("build"))
+        if rebuild is Rebuild.BACKGROUND and registry.live_capacities():
+            builder.hold()  # a background build lands after the batch, which runs on what was live
         assert run_batch(registry, pool, batch, seed=step)[0] == {}
+        builder.release()
         assert registry.wait_for_builds(timeout=30)
         where = f"step {step} (batch {batch})"
         assert builder.builds[n_builds:] == [c for c, _ in builds], where
@@ -182,6 +185,35 @@ def test_background_serves_oversize_batch_by_chunks_while_building():
     run_batch(registry, pool, 5, seed=3)
     assert builder.runs[-1] == (8, 5)
     assert registry.stats()["split_batches"] == 2
+
+
+def test_chunked_batch_moves_to_the_larger_engine_when_it_lands():
+    registry, builder, events, _ = make(Mode.REUSE, Bucket.POW2, Rebuild.BACKGROUND)
+    pool = make_pool()
+    run_batch(registry, pool, 1)
+    builder.hold()
+    builder.run_gate.clear()
+    errors = []
+
+    def big():
+        try:
+            run_batch(registry, pool, 6, seed=5)  # checks every output row
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    builder.wait_runs(2)  # the first chunk (1 row on the capacity-1 engine) is running
+    builder.release()
+    assert registry.wait_for_builds(timeout=30) and registry.live_capacities() == [8]
+    builder.run_gate.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and not errors
+    assert builder.runs[1:] == [(1, 1), (8, 5)]  # one chunk, then the 5 rows left in one run
+    assert events.of("handover") == [{"batch": 6, "capacity": 1, "rows_done": 1, "new_capacity": 8}]
+    assert events.of("split") == [] and registry.stats()["split_batches"] == 1
+    assert builder.engine(1).closed  # drained, then released
+    assert not builder.engine(8).closed and registry.stats()["engines_live"] == 1
 
 
 def test_blocking_builds_on_the_calling_thread_and_other_batches_still_run():
@@ -248,6 +280,42 @@ def test_failed_background_build_keeps_the_old_engine_and_retries_after_backoff(
     assert registry.stats()["build_failures"] == 2 and registry.stats()["builds"] == {"first": 1, "grow": 1}
     run_batch(registry, pool, 5)
     assert builder.runs[-1] == (8, 5)
+
+
+def test_new_engines_are_primed_at_capacity_before_they_go_live():
+    registry, builder, events, _ = make(Mode.REUSE, Bucket.POW2, Rebuild.BACKGROUND)
+    primed = []
+
+    def prime(engine, capacity):
+        assert registry.live_capacities() != [capacity]  # not live yet: no batch can reach it first
+        primed.append((engine.capacity, capacity))
+        engine.run({"x": np.zeros((capacity, ROW), np.float32)})
+
+    registry.prime = prime
+    pool = make_pool()
+    run_batch(registry, pool, 1)
+    run_batch(registry, pool, 5)
+    assert registry.wait_for_builds(timeout=30)
+    assert primed == [(1, 1), (8, 8)]
+    # Each prime is one full-capacity run, ahead of every batch the engine serves.
+    assert [r for r in builder.runs if r[0] == 8][0] == (8, 8)
+
+
+def test_engine_that_fails_its_prime_is_a_failed_build_and_is_closed():
+    registry, builder, events, _ = make(Mode.REUSE, Bucket.POW2, Rebuild.BACKGROUND)
+    pool = make_pool()
+    run_batch(registry, pool, 1)
+
+    def prime(engine, capacity):
+        raise RuntimeError("no device memory for the first run")
+
+    registry.prime = prime
+    run_batch(registry, pool, 5)  # chunks on the capacity-1 engine meanwhile
+    assert registry.wait_for_builds(timeout=30)
+    assert registry.live_capacities() == [1] and builder.engine(8).closed
+    assert registry.stats()["build_failures"] == 1
+    assert "no device memory" in events.of("build_failed")[0]["error"]
+    run_batch(registry, pool, 1)  # the old engine keeps serving
 
 
 def test_failed_blocking_build_serves_the_batch_by_chunks():

@@ -100,13 +100,17 @@ def optimization_level(providers: list[Any]) -> ort.GraphOptimizationLevel:
 
 def session_options(intra_op_threads: int = 0,
                     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                    ) -> ort.SessionOptions:
+                    spinning: bool = False) -> ort.SessionOptions:
     """Graph optimization `level` (full by default), warning-level logging, `intra_op_threads`
-    (0 = ONNX Runtime's default)."""
+    (0 = ONNX Runtime's default). Without `spinning` the intra-op threads sleep between runs: ONNX
+    Runtime's default busy-wait keeps them on the CPU the frontend process and the other models need
+    (measured with bench.batching and bench.engine_sweep on 2 shared cores)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
     opts.intra_op_num_threads = intra_op_threads
     opts.log_severity_level = 2  # warning
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -130,9 +134,10 @@ class OnnxRuntimeBuilder:
 
     backend = "onnxruntime"
 
-    def __init__(self, spec: ModelSpec, intra_op_threads: int = 0, stream: int | None = None) -> None:
+    def __init__(self, spec: ModelSpec, intra_op_threads: int = 0, stream: int | None = None,
+                 spinning: bool = False) -> None:
         self.spec = spec
-        self.intra_op_threads = intra_op_threads
+        self.intra_op_threads, self.spinning = intra_op_threads, spinning
         self.stream = stream
         self._lock = threading.Lock()
         self._model_digest = ModelDigest(spec.model_path)
@@ -145,7 +150,7 @@ class OnnxRuntimeBuilder:
         """A ready engine for batches 1..capacity; ConfigError when the model file does not match the spec."""
         self._check_capacity(capacity)
         providers = self.providers()
-        opts = session_options(self.intra_op_threads, optimization_level(providers))
+        opts = self._options(optimization_level(providers))
         session = self._open(opts, providers)
         self._check_session(session)
         return OnnxRuntimeEngine(self.spec, capacity, session, self.stream)
@@ -170,7 +175,7 @@ class OnnxRuntimeBuilder:
         providers = self.providers()
         with tempfile.TemporaryDirectory(prefix="trtserve-ort-") as tmp:
             target = Path(tmp) / "model.optimized.onnx"
-            opts = session_options(self.intra_op_threads, optimization_level(providers))
+            opts = self._options(optimization_level(providers))
             opts.optimized_model_filepath = str(target)
             opts.log_severity_level = 3  # not the "hardware specific" warning: the key names the CPU
             self._check_session(self._open(opts, providers))
@@ -233,8 +238,8 @@ class OnnxRuntimeBuilder:
             raise PlanError(f"model '{name}': the plan was built for other {', '.join(wrong)} "
                             f"({', '.join(f'{k}={header.get(k)!r}' for k in wrong)})")
         if not header.get("optimized"):  # the model file (its bytes are in the key), optimized now
-            return self._open(session_options(self.intra_op_threads, optimization_level(providers)), providers)
-        opts = session_options(self.intra_op_threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+            return self._open(self._options(optimization_level(providers)), providers)
+        opts = self._options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         # External weights stay in the files beside the model (hashed into the key); the plan names them.
         opts.add_session_config_entry(_EXTERNAL_FOLDER, str(self.spec.model_path.parent))
         try:
@@ -242,6 +247,9 @@ class OnnxRuntimeBuilder:
         except Exception as exc:
             raise PlanError(f"model '{name}': onnxruntime {ort.__version__} cannot load the plan: {exc}"
                             ) from exc
+
+    def _options(self, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+        return session_options(self.intra_op_threads, level, self.spinning)
 
     def _open(self, opts: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
         spec = self.spec

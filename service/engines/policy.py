@@ -45,7 +45,9 @@ class EnginePolicy:
     built before the model reports ready. A failed build is retried after `retry_backoff_s`, doubling
     per consecutive failure up to `max_retry_backoff_s`. `max_concurrent_builds` bounds the builds
     that run at once (the others queue; builds compete with serving for the same cores and memory).
-    `pool_growth` is "geometric" or "exact"; `max_pool_bytes` None = no cap.
+    `pool_growth` is "geometric" or "exact"; `max_pool_bytes` None = no cap. `padding`: "capacity" runs
+    every batch at its engine's capacity (spare rows hold whatever the pool held, their outputs are
+    dropped), "off" at its own size, "auto" (default) as the engine asks (`fixed_shape`, see adapters).
     """
 
     mode: Mode = Mode.REUSE
@@ -59,6 +61,7 @@ class EnginePolicy:
     max_concurrent_builds: int = 1
     pool_growth: str = "geometric"
     max_pool_bytes: int | None = None
+    padding: str = "auto"
 
     def __post_init__(self) -> None:
         # Accept plain strings ("MULTI") as well as the enums; store the enums.
@@ -77,6 +80,8 @@ class EnginePolicy:
             raise ConfigError(f"engine_policy: max_concurrent_builds must be >= 1, got {self.max_concurrent_builds}")
         if self.pool_growth not in ("geometric", "exact"):
             raise ConfigError(f"engine_policy: pool_growth must be geometric or exact, got {self.pool_growth!r}")
+        if self.padding not in ("auto", "off", "capacity"):
+            raise ConfigError(f"engine_policy: padding must be auto, off or capacity, got {self.padding!r}")
         if self.max_pool_bytes is not None and self.max_pool_bytes < 1:
             raise ConfigError(f"engine_policy: max_pool_bytes must be >= 1, got {self.max_pool_bytes}")
 
@@ -125,6 +130,8 @@ def from_config(msg: Any, defaults: EnginePolicy | None = None) -> EnginePolicy:
         changes["max_pool_bytes"] = int(msg.max_pool_bytes)
     if msg.pool_growth != 0:
         changes["pool_growth"] = "geometric" if msg.pool_growth == 1 else "exact"
+    if msg.padding != 0:
+        changes["padding"] = "off" if msg.padding == 1 else "capacity"
     return dataclasses.replace(base, **changes)
 
 

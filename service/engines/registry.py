@@ -29,6 +29,8 @@ Events, `on_event(kind, **fields)`, called from the compute thread or a build th
   "build_failed" capacity, trigger, duration_s, error, retry_in_s
   "release"      capacity, why ("reuse", "lru", "close"), device_bytes
   "split"        batch, capacity, chunks (a batch served by chunks while a larger engine builds)
+  "handover"     batch, capacity, rows_done, new_capacity (a chunked batch whose rows left moved to a
+                 larger engine that went live meanwhile)
   "wait"         batch, capacity (of the awaited build), live_capacity, chunks_s, wait_s (expected
                  seconds both ways: the batch waits for the build rather than run by chunks now)
 and, from the plan cache, "plan_load_failed" and "plan_cache_write_failed" (capacity, key, error).
@@ -36,6 +38,7 @@ and, from the plan cache, "plan_load_failed" and "plan_cache_write_failed" (capa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -59,8 +62,9 @@ log = logging.getLogger(__name__)
 class _Slot:
     """A live engine and its bookkeeping (guarded by the registry's lock)."""
 
-    def __init__(self, engine: Any, capacity: int, tick: int, times: RunTimes) -> None:
+    def __init__(self, engine: Any, capacity: int, tick: int, times: RunTimes, pad: bool) -> None:
         self.engine, self.capacity, self.last_used = engine, capacity, tick
+        self.pad = pad  # runs every batch at its capacity
         self.device_bytes = device_memory_bytes(engine)
         self.times = times  # seconds per run by rows, from its executed batches
         self.inflight = 0
@@ -74,13 +78,18 @@ class EngineRegistry:
 
     def __init__(self, builder: Any, policy: EnginePolicy | None = None, max_batch_size: int = 1,
                  plan_cache: PlanCache | None = None, on_event: Callable[..., None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 prime: Callable[[Any, int], None] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("the registry serves batching models: max_batch_size must be >= 1")
         self.builder, self.max_batch_size = builder, max_batch_size
         self.policy = policy or EnginePolicy()
         self.policy.validate(max_batch_size)
         self.plan_cache, self.on_event, self.clock = plan_cache, on_event, clock
+        # prime(engine, capacity) runs a new engine once before it goes live: what a backend sets up on
+        # its first run (memory arenas, kernel choices, CUDA handles) is then paid by the build, not by
+        # the first batch on the engine.
+        self.prime = prime
         self._cond = threading.Condition(threading.Lock())
         self._live: dict[int, _Slot] = {}  # selectable engines by capacity
         # batch -> the live engine `_decide` picks for it at once (its first answer depends only on
@@ -118,20 +127,37 @@ class EngineRegistry:
     def execute(self, batch: int, buffers: BufferSet) -> dict[str, np.ndarray]:
         """Run `batch` rows of `buffers` (pool views; outputs written in place). Returns the outputs
         that have no pool view (unpooled), joined over chunks; {} when every output is pooled. A batch
-        of 0 builds and runs nothing."""
+        of 0 builds and runs nothing. On a padding engine the batch runs at the engine's capacity when
+        `buffers` has that many rows (see `rows_for`); only the first `batch` rows of outputs count."""
         if batch == 0:
             return {}
         if not 1 <= batch <= self.max_batch_size:
             raise InvalidArgument(f"batch {batch} is outside 1..{self.max_batch_size} (max_batch_size)")
         if buffers.rows < batch:
             raise ValueError(f"buffer set has {buffers.rows} rows, batch is {batch}")
-        if buffers.rows > batch:
-            buffers = buffers.slice(0, batch)
         slot = self._acquire(batch)
         try:
-            return self._run(slot, batch, buffers)
+            rows = slot.capacity if slot.pad and batch < slot.capacity <= buffers.rows else batch
+            if buffers.rows > rows:
+                buffers = buffers.slice(0, rows)
+            extra = self._run(slot, rows, buffers)
+            return {name: array[:batch] for name, array in extra.items()} if rows > batch else extra
         finally:
             self._done(slot)
+
+    def rows_for(self, batch: int) -> int:
+        """Rows the buffer views for `batch` should have: the capacity of the engine it would run on
+        now when that engine pads, else `batch` (a hint: the engine may change before `execute`)."""
+        with self._cond:
+            slot = self._chosen.get(batch) or self._fit(batch)
+            return slot.capacity if slot is not None and slot.pad and slot.capacity > batch else batch
+
+    def _pads(self, engine: Any) -> bool:
+        """Whether batches on `engine` run at its capacity (policy `padding`; "auto": the engine's
+        `fixed_shape` wish)."""
+        if self.policy.padding == "auto":
+            return bool(getattr(engine, "fixed_shape", False))
+        return self.policy.padding == "capacity"
 
     def live_capacities(self) -> list[int]:
         """Capacities of the engines that serve new batches, ascending."""
@@ -297,28 +323,55 @@ class EngineRegistry:
     # -- running -----------------------------------------------------------------------------------
 
     def _run(self, slot: _Slot, batch: int, buffers: BufferSet) -> dict[str, np.ndarray]:
+        """Run `batch` rows on `slot`, in chunks when it is smaller; when a larger engine goes live
+        between two chunks, the rows left move to it (a batch chunked at the start of a build does not
+        keep running chunks after the build landed)."""
         engine, chunk = slot.engine, min(slot.capacity, batch)
         device = uses_device_buffers(engine)
         start = self.clock()
         if device:
             buffers.upload()
-        extras = []
-        for first in range(0, batch, chunk):
-            part = buffers if chunk == batch else buffers.slice(first, min(first + chunk, batch))
+        extras, done, larger = [], 0, None
+        while done < batch and larger is None:
+            stop = min(done + chunk, batch)
+            part = buffers if chunk == batch else buffers.slice(done, stop)
             inputs = {**part.inputs, **part.device_inputs} if device else part.inputs
             outputs = {**part.outputs, **part.device_outputs} if device else part.outputs
             extras.append(run_into(engine, inputs, outputs))
-        if device:
-            buffers.download()
+            done = stop
+            if done < batch:
+                larger = self._handover(slot, batch - done)
         chunks, seconds = len(extras), self.clock() - start
         with self._cond:
-            slot.times.add(batch / chunks, seconds / chunks)  # per chunk: exact for time = a + b * rows
-            if chunks > 1:
+            slot.times.add(done / chunks, seconds / chunks)  # per chunk: exact for time = a + b * rows
+            if chunks > 1 or larger is not None:
                 self._splits += 1
-        if chunks == 1:
+        if larger is not None:
+            emit(self.on_event, "handover", batch=batch, capacity=slot.capacity, rows_done=done,
+                 new_capacity=larger.capacity)
+            try:
+                extras.append(self._run(larger, batch - done, buffers.slice(done, batch)))
+            finally:
+                self._done(larger)
+        if device:
+            buffers.download()
+        if len(extras) == 1:
             return extras[0]
-        emit(self.on_event, "split", batch=batch, capacity=slot.capacity, chunks=chunks)
+        if larger is None:
+            emit(self.on_event, "split", batch=batch, capacity=slot.capacity, chunks=chunks)
         return {name: np.concatenate([e[name] for e in extras]) for name in extras[0]}
+
+    def _handover(self, slot: _Slot, rows: int) -> _Slot | None:
+        """A live engine larger than `slot`, acquired for the `rows` left of a chunked batch (the
+        smallest that covers them, else the largest); None while there is none."""
+        with self._cond:
+            best = self._fit(rows) or (self._largest() if self._live else None)
+            if best is None or best.capacity <= slot.capacity:
+                return None
+            best.inflight += 1
+            self._tick += 1
+            best.last_used = self._tick
+            return best
 
     def _done(self, slot: _Slot) -> None:
         with self._cond:
@@ -367,6 +420,7 @@ class EngineRegistry:
         try:
             try:
                 engine, cached = load_or_build(self.builder, capacity, self.plan_cache, self.on_event)
+                self._prime(engine, capacity)
             except Exception as exc:
                 self._failed(build, exc, self.clock() - start)
                 return
@@ -377,7 +431,7 @@ class EngineRegistry:
                 self._tick += 1
                 # A new engine starts from the run times of the largest live one (the same network).
                 times = self._largest().times.copy() if self._live else RunTimes()
-                slot = _Slot(engine, capacity, self._tick, times)
+                slot = _Slot(engine, capacity, self._tick, times, self._pads(engine))
                 self._failures.pop(capacity, None)
                 reason = "cache_hit" if cached else build.trigger
                 self._builds[reason] += 1
@@ -400,6 +454,17 @@ class EngineRegistry:
                 if self.policy.rebuild is Rebuild.BACKGROUND and self._live and not self._closed:
                     self._start_queued()
                 self._cond.notify_all()
+
+    def _prime(self, engine: Any, capacity: int) -> None:
+        """Run `prime` on a new engine; one that fails it is closed (the build then counts as failed)."""
+        if self.prime is None:
+            return
+        try:
+            self.prime(engine, capacity)
+        except Exception:
+            with contextlib.suppress(Exception):
+                engine.close()
+            raise
 
     def _failed(self, build: Build, exc: Exception, duration: float) -> None:
         log.warning("engine build for capacity %d failed: %s", build.capacity, exc)

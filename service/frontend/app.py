@@ -68,7 +68,8 @@ async def start(settings: ServerSettings) -> RunningServer:
 
     manager = ModelManager(
         ModelRepository(settings.model_repository),
-        WorkerOptions(intra_op_threads=settings.intra_op_threads, engine_cache_dir=settings.engine_cache_dir,
+        WorkerOptions(intra_op_threads=settings.intra_op_threads, intra_op_spinning=settings.intra_op_spinning,
+                      engine_cache_dir=settings.engine_cache_dir,
                       log_level=settings.log_level,
                       default_policy=EnginePolicy(mode=settings.engine_mode, bucket=settings.engine_bucket,
                                                   rebuild=settings.engine_rebuild)),

@@ -71,13 +71,15 @@ class ModelRuntime:
             self._engine = self._builder.build(1)
             return
         policy = from_config(spec.config.engine_policy, options.default_policy)
-        pooled_in, _ = split_poolable(spec.inputs)
+        pooled_in, unpooled_in = split_poolable(spec.inputs)
+        self._can_pad = not unpooled_in  # spare rows exist only in pooled buffers
         pooled_out, _ = split_poolable(spec.outputs)
         self.pool = BufferPool(pooled_in, pooled_out, growth=policy.pool_growth,
                                max_pool_bytes=policy.max_pool_bytes, max_rows=spec.max_batch_size,
                                allocator=self._allocator, model=spec.name)
         cache = PlanCache(options.engine_cache_dir, self._on_event) if options.engine_cache_dir else None
-        self.registry = EngineRegistry(self._builder, policy, spec.max_batch_size, cache, self._on_event)
+        self.registry = EngineRegistry(self._builder, policy, spec.max_batch_size, cache, self._on_event,
+                                       prime=self._prime)
         self.registry.warm_up()
         if not self.registry.live_capacities():
             self._first_engine()
@@ -87,11 +89,19 @@ class ModelRuntime:
     def _first_engine(self) -> None:
         """Build the first engine (capacity for one row) and run one zero row through it, so a model that
         cannot run here fails to load instead of failing its first request."""
-        row = Item(1, {t.name: (np.full((1, *(max(d, 1) for d in t.dims)), b"", dtype=object)
-                                if t.datatype == "BYTES"
-                                else np.zeros((1, *(max(d, 1) for d in t.dims)), numpy_dtype(t.datatype)))
-                       for t in self.spec.inputs})
-        self._run_batch([row])
+        self._run_batch([Item(1, self._zeros(1))])
+
+    def _zeros(self, rows: int) -> dict[str, np.ndarray]:
+        """Inputs of `rows` rows of zeros (empty strings for BYTES; variable dims as 1)."""
+        return {t.name: (np.full((rows, *(max(d, 1) for d in t.dims)), b"", dtype=object)
+                         if t.datatype == "BYTES"
+                         else np.zeros((rows, *(max(d, 1) for d in t.dims)), numpy_dtype(t.datatype)))
+                for t in self.spec.inputs}
+
+    def _prime(self, engine: Engine, capacity: int) -> None:
+        """The registry's prime: one run of a new engine at its full capacity on zeros, on the build
+        thread, before the engine takes batches (and outside the pool, which batches are using)."""
+        engine.run(self._zeros(capacity))
 
     def _make_allocator(self) -> Any:
         """Device buffers with pinned staging for models on a GPU, page-aligned host memory otherwise."""
@@ -107,6 +117,7 @@ class ModelRuntime:
             from service.engines.onnxruntime_backend import OnnxRuntimeBuilder
 
             return OnnxRuntimeBuilder(self.spec, intra_op_threads=options.intra_op_threads,
+                                      spinning=options.intra_op_spinning,
                                       stream=getattr(self._allocator, "stream", None))
         if self.spec.backend == "tensorrt":
             from service.engines.tensorrt_backend import TensorRTBuilder
@@ -169,7 +180,7 @@ class ModelRuntime:
         """Gather the items' rows into the pool, execute, and point each item at its output rows."""
         t0 = time.perf_counter()
         rows = sum(i.rows for i in items)
-        bufs = self.pool.views(rows)
+        bufs = self._views(rows)
         starts = np.cumsum([0] + [i.rows for i in items])
         for t in self.spec.inputs:
             if t.name in bufs.inputs:
@@ -181,7 +192,7 @@ class ModelRuntime:
         t1 = time.perf_counter()
         extra = self.registry.execute(rows, bufs)
         t2 = time.perf_counter()
-        outputs = {**bufs.outputs, **extra}
+        outputs = {**{name: view[:rows] for name, view in bufs.outputs.items()}, **extra}
         for name, array in outputs.items():
             if array.shape[0] != rows:
                 raise InternalError(f"model '{self.spec.name}' returned {array.shape[0]} rows for output "
@@ -189,6 +200,17 @@ class ModelRuntime:
         for item, start in zip(items, starts):
             item.outputs = {name: array[start:start + item.rows] for name, array in outputs.items()}
         return Execution(items, t1 - t0, t2 - t1, time.perf_counter() - t2)
+
+    def _views(self, rows: int) -> Any:
+        """Pool views for a batch of `rows`: as many rows as the engine runs it at (padding engines run
+        their capacity), or just `rows` when the pool cap leaves no room for the spare rows."""
+        padded = self.registry.rows_for(rows) if self._can_pad else rows
+        if padded > rows:
+            try:
+                return self.pool.views(padded)
+            except ResourceExhausted:
+                pass
+        return self.pool.views(rows)
 
     def empty_outputs(self) -> dict[str, np.ndarray]:
         """Outputs of a 0-row request: nothing is built or run."""

@@ -40,6 +40,7 @@ class WorkerOptions:
     """Server settings a worker needs; passed once at spawn."""
 
     intra_op_threads: int = 0
+    intra_op_spinning: bool = False
     engine_cache_dir: Path | None = None
     log_level: str = "INFO"
     default_policy: EnginePolicy = field(default_factory=EnginePolicy)

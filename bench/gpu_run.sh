@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Everything measured on the GPU machine, in one go: the GPU-marked tests, bench.gpu, the engine sweep
+# on the CUDA provider, and the batching benchmark on that machine's 16 CPU cores (mlp on the CPU).
+#
+#   bash bench/gpu_run.sh OUT_DIR
+#
+# Needs onnxruntime-gpu (CUDAExecutionProvider), cuda-python and the packages of `pip install -e .`
+# importable by python3 (on the device they are staged: see bench/results/gpu/REPORT-gpu.md for how).
+# Each step has its own time limit so that one slow step cannot take the others' results with it.
+set -u
+out=${1:?usage: bash bench/gpu_run.sh OUT_DIR}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+{ nvidia-smi -L; nproc; $py --version; } > "$out/machine.txt" 2>&1
+$py examples/generate_models.py --out examples/models > /dev/null
+timeout 90 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_buffer_pool.py tests/test_gpu_server.py \
+    tests/test_onnxruntime_engine.py tests/test_onnxruntime_plans.py tests/test_registry.py \
+    tests/test_tensorrt_backend.py > "$out/gpu-tests.log" 2>&1
+echo "gpu tests: exit $?" | tee -a "$out/gpu-tests.log"
+timeout 240 $py -m bench.engine_sweep --gpu --out "$out" > "$out/engine_sweep.log" 2>&1
+echo "engine sweep: exit $?"
+timeout 60 $py -m bench.cuda_shapes --out "$out/cuda_shapes.md" > "$out/cuda_shapes.log" 2>&1
+echo "bench.cuda_shapes: exit $?"
+timeout 180 $py -m bench.gpu --seconds 8 --out "$out" ${PY_SPY:+--py-spy "$PY_SPY"} > "$out/gpu.log" 2>&1
+echo "bench.gpu: exit $?"
+timeout 120 $py -m bench.batching --quick > "$out/batching.log" 2>&1
+echo "bench.batching (CPU cores of the GPU machine): exit $?"
+cp bench/results/batching.md "$out/batching-16core.md" 2>/dev/null
