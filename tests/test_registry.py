@@ -283,7 +283,7 @@ def test_failed_background_build_keeps_the_old_engine_and_retries_after_backoff(
 
 
 def test_new_engines_are_primed_at_capacity_before_they_go_live():
-    registry, builder, events, _ = make(Mode.REUSE, Bucket.POW2, Rebuild.BACKGROUND)
+    registry, builder, _, _ = make(Mode.REUSE, Bucket.POW2, Rebuild.BACKGROUND)
     primed = []
 
     def prime(engine, capacity):
@@ -298,7 +298,7 @@ def test_new_engines_are_primed_at_capacity_before_they_go_live():
     assert registry.wait_for_builds(timeout=30)
     assert primed == [(1, 1), (8, 8)]
     # Each prime is one full-capacity run, ahead of every batch the engine serves.
-    assert [r for r in builder.runs if r[0] == 8][0] == (8, 8)
+    assert next(r for r in builder.runs if r[0] == 8) == (8, 8)
 
 
 def test_engine_that_fails_its_prime_is_a_failed_build_and_is_closed():

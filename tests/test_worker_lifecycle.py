@@ -185,3 +185,53 @@ def test_inflight_limit_refuses_at_once(example_repo):
             t.join(120)
         assert results.count("StatusCode.RESOURCE_EXHAUSTED") >= 1 and results.count("OK") >= 2
         assert set(results) <= {"OK", "StatusCode.RESOURCE_EXHAUSTED"}
+
+
+def test_load_whose_client_gives_up_leaves_no_worker_behind(example_repo):
+    """A client deadline cancels the load RPC while the worker loads: the load must stop that worker.
+
+    It used to stay behind, unknown to the manager, with its process handle (two pipe fds), socket and
+    shared memory, the model LOADING in the index for good, and shutdown waiting on it forever.
+    """
+    with start(example_repo, ["--model-control-mode", "explicit", "--load-model", "tiny"]) as server:
+        client = grpcclient.InferenceServerClient(server.url)
+        proc = psutil.Process(server.proc.pid)
+        children, segments = len(proc.children()), shm_segments(server.proc.pid)
+        with pytest.raises(InferenceServerException) as err:
+            client.load_model("mixed", client_timeout=0.3)  # spawning and loading takes longer
+        assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+
+        def mixed():  # its entry in the repository index
+            return next(m for m in client.get_model_repository_index().models if m.name == "mixed")
+
+        _wait(lambda: mixed().state == "UNAVAILABLE", 30, "the cancelled load to end")
+        assert mixed().reason == "load cancelled"
+        _wait(lambda: len(proc.children()) == children and shm_segments(server.proc.pid) == segments, 10,
+              "the cancelled load's worker and shared memory to be gone")
+        client.load_model("mixed")  # and the model still loads
+        assert client.is_model_ready("mixed")
+    assert server.proc.returncode == 0
+
+
+def test_unload_whose_client_gives_up_still_stops_the_worker(example_repo):
+    """A client deadline cancels the unload RPC while the worker drains (SIGSTOPped here, so it never
+    ends): the worker is killed and its handle and shared memory released all the same.
+
+    It used to stay behind, stopped but never killed, with its pipes and shared memory, UNLOADING for good.
+    """
+    with start(example_repo, ["--model-control-mode", "explicit", "--load-model", "tiny",
+                              "--load-model", "mixed"]) as server:
+        client = grpcclient.InferenceServerClient(server.url)
+        proc = psutil.Process(server.proc.pid)
+        children, segments = len(proc.children()), len(shm_segments(server.proc.pid))
+        victim = server.worker_pid("mixed")
+        os.kill(victim, signal.SIGSTOP)
+        with pytest.raises(InferenceServerException) as err:
+            client.unload_model("mixed", client_timeout=1)
+        assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        _wait(lambda: not psutil.pid_exists(victim), 10, "the worker to be killed and reaped")
+        _wait(lambda: len(proc.children()) == children - 1 and len(shm_segments(server.proc.pid)) == segments - 1,
+              10, "only the unloaded model's worker and shared memory to be gone")
+        state = next(m for m in client.get_model_repository_index().models if m.name == "mixed")
+        assert (state.state, state.reason) == ("UNAVAILABLE", "unloaded")
+    assert server.proc.returncode == 0

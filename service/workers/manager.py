@@ -60,12 +60,15 @@ class ModelManager:
             )
             try:
                 await handle.start()
-            except ServeError as exc:
+            except (ServeError, asyncio.CancelledError) as exc:
+                # Failed, or the caller gave up (a client's deadline cancels this task): stop the worker,
+                # which would otherwise keep loading unknown to us, with its pipes and shared memory.
                 await handle.stop()
                 if name in self._workers:
                     self._states[name] = ModelState(name, str(self._workers[name].spec.version), "READY")
                 else:
-                    self._states[name] = ModelState(name, str(spec.version), "UNAVAILABLE", exc.message)
+                    reason = exc.message if isinstance(exc, ServeError) else "load cancelled"
+                    self._states[name] = ModelState(name, str(spec.version), "UNAVAILABLE", reason)
                 raise
             old = self._workers.get(name)
             self._workers[name] = handle
@@ -83,10 +86,12 @@ class ModelManager:
             if handle is None:
                 raise NotFound(f"model '{name}' is not loaded")
             self._states[name] = ModelState(name, str(handle.spec.version), "UNLOADING")
-            await handle.stop()
-            self._metrics.forget_model(name)
-            self._states[name] = ModelState(name, str(handle.spec.version), "UNAVAILABLE", "unloaded")
-            self._on_ready_change()
+            try:
+                await handle.stop()
+            finally:  # a cancelled caller (its deadline) still ends with the worker stopped: say so
+                self._metrics.forget_model(name)
+                self._states[name] = ModelState(name, str(handle.spec.version), "UNAVAILABLE", "unloaded")
+                self._on_ready_change()
 
     def get(self, name: str, version: str = "") -> WorkerHandle:
         """The worker serving `name` (and `version`, when given); NotFound or Unavailable otherwise."""

@@ -88,6 +88,15 @@ class WorkerHandle:
             self._arena = Arena(self._settings.shm_bytes)
         loop = asyncio.get_running_loop()
         parent_sock, child_sock = socket.socketpair()
+        try:
+            # The parent's end lives on the event loop: writes are buffered, never blocking the loop. It is
+            # opened before the spawn so that no await lies between spawning the worker and registering it
+            # below: a cancel there (stop() during a respawn) left a worker unknown to this handle, whose
+            # process handle (two pipe fds) was never closed.
+            reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
+        except BaseException:
+            child_sock.close()
+            raise
         child_conn = Connection(child_sock.detach())  # the worker keeps the blocking Connection API
         process = self._ctx.Process(
             target=worker.main, args=(self.spec, self._options, child_conn, self._arena.name),
@@ -96,9 +105,7 @@ class WorkerHandle:
         self._handshake = loop.create_future()
         process.start()
         child_conn.close()
-        # The parent's end lives on the event loop: writes are buffered, never blocking the loop.
-        reader, self._writer = await asyncio.open_unix_connection(sock=parent_sock)
-        self._process, self.pid = process, process.pid
+        self._process, self.pid, self._writer = process, process.pid, writer
         self._reader_task = loop.create_task(self._read_frames(reader))
         self._started_at = time.monotonic()
         loop.add_reader(process.sentinel, self._on_exit, process)
@@ -139,19 +146,21 @@ class WorkerHandle:
                 task.cancel()
         self._set_ready(False)
         process = self._process
-        if process is not None and process.is_alive():
-            self._send_quietly({"op": protocol.STOP})
-            await asyncio.get_running_loop().run_in_executor(None, process.join, timeout_s)
-        await self._kill()
-        if process is not None:
-            # The exit handler may have run while this join was reaping the child and so seen no exit
-            # code yet; close the handle here too, or its pipe fds wait for garbage collection.
-            with contextlib.suppress(ValueError):  # ValueError: the exit handler closed it already
-                process.join()
-                process.close()
-        if self._arena is not None:
-            self._arena.close()
-            self._arena = None
+        try:
+            if process is not None and process.is_alive():
+                self._send_quietly({"op": protocol.STOP})
+                await asyncio.get_running_loop().run_in_executor(None, process.join, timeout_s)
+        finally:  # a cancelled caller (a client's deadline on unload) cuts only the graceful wait short
+            await self._kill()
+            if process is not None:
+                # The exit handler may have run while this join was reaping the child and so seen no exit
+                # code yet; close the handle here too, or its pipe fds wait for garbage collection.
+                with contextlib.suppress(ValueError):  # ValueError: the exit handler closed it already
+                    process.join()
+                    process.close()
+            if self._arena is not None:
+                self._arena.close()
+                self._arena = None
 
     async def _kill(self) -> None:
         process = self._process
