@@ -338,7 +338,7 @@ def main() -> None:
     (args.out / "engine_sweep.md").write_text(report)
     try:
         plot(runs, weight_bytes, args.out / "engine_sweep.png")
-    except ImportError:  # the GPU machine has no matplotlib; the table is the result
+    except ImportError:  # matplotlib is a dev dependency; on a machine without it the table is the result
         print("matplotlib is not installed: no plot")
     print(report)
     print(f"wrote {args.out / 'engine_sweep.md'} and {args.out / 'engine_sweep.png'}")

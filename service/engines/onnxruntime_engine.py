@@ -31,8 +31,9 @@ class OnnxRuntimeEngine:
     report what its arena holds (weights, activations), so only the pool's bytes are counted.
 
     `fixed_shape` (CUDA): ONNX Runtime's CUDA convolutions choose their cuDNN algorithm again whenever
-    the input shape differs from the previous run's, which on the H200 cost ~45 ms a run for `convnet`
-    (against 1.5 ms at a fixed shape), so the registry runs every batch at the capacity by default.
+    the input shape differs from the previous run's, which on the H200 cost 30-47 ms a run for `convnet`
+    (against 1.3 ms at a fixed shape: bench/cuda_shapes.py), so the registry runs every batch at the
+    capacity by default.
     """
 
     device_memory_bytes = 0
