@@ -115,7 +115,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         shm_bytes_per_model=int(args.shm_bytes_per_model),
         max_request_bytes=int(args.max_request_bytes),
         intra_op_threads=int(args.intra_op_threads),
-        intra_op_spinning=_on_off(args.intra_op_spinning),
+        intra_op_spinning=bool(args.intra_op_spinning),  # argparse applied _on_off
         max_inflight_per_model=int(args.max_inflight_per_model),
         worker_hang_timeout_seconds=float(args.worker_hang_timeout_seconds),
         tls_cert=_path(args.tls_cert),

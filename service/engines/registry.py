@@ -216,10 +216,7 @@ class EngineRegistry:
             with self._cond:
                 choice = self._chosen.get(batch) or self._decide(batch, may_build)
                 if isinstance(choice, _Slot):
-                    choice.inflight += 1
-                    self._tick += 1
-                    choice.last_used = self._tick
-                    return choice
+                    return self._use(choice)
             self._build(choice)  # synchronously, on this thread
             if choice.error is not None:
                 may_build = False  # serve from what is live; a later batch retries after the backoff
@@ -368,10 +365,14 @@ class EngineRegistry:
             best = self._fit(rows) or (self._largest() if self._live else None)
             if best is None or best.capacity <= slot.capacity:
                 return None
-            best.inflight += 1
-            self._tick += 1
-            best.last_used = self._tick
-            return best
+            return self._use(best)
+
+    def _use(self, slot: _Slot) -> _Slot:
+        """Under the lock: `slot` takes one more run (held until `_done`) and becomes the most recent."""
+        slot.inflight += 1
+        self._tick += 1
+        slot.last_used = self._tick
+        return slot
 
     def _done(self, slot: _Slot) -> None:
         with self._cond:
