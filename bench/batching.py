@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 s per point (under ~2 minutes in all)")
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds per point (default 8)")
     parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--frontend-processes", type=int, default=1, help="the server's --frontend-processes")
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 8.0)
     load_before = os.getloadavg()[0]  # other work on the machine skews every number; say so
@@ -149,7 +150,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="trtserve-bench-") as tmp:
         repo = make_repo(Path(tmp))
         engine = EngineAlone(repo, seconds=0.75 if args.quick else 2.0)
-        with start(repo) as server:
+        with start(repo, ["--frontend-processes", str(args.frontend_processes)]) as server:
             for mode in ("on", "off"):
                 for clients in counts:
                     points.append(p := serve_point(server, mode, clients, seconds))
@@ -169,7 +170,8 @@ def main() -> None:
                     f"ratios included. Rerun on an idle machine before trusting them.")
     report = "\n".join([
         "# Dynamic batching: mlp, batch-1 requests", "",
-        f"`.venv/bin/python -m bench.batching{' --quick' if args.quick else ''}`: {seconds:g} s per point, "
+        f"`.venv/bin/python -m bench.batching{' --quick' if args.quick else ''} --frontend-processes "
+        f"{args.frontend_processes}`: {seconds:g} s per point, "
         f"{os.cpu_count()} CPUs shared by clients, server and engine (1-minute load average before/after: "
         f"{load_before:.1f}/{load_after:.1f}); max_queue_delay 2 ms, preferred 8/16/32.",
         "", table(points), "", verdict, ""])

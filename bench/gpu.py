@@ -1,7 +1,9 @@
 """GPU end to end (run on the H200): served throughput against the engine alone, the frontend's ceiling,
 and the engine sweep in real device memory. Writes bench/results/gpu/REPORT-gpu.md.
 
-    python3 -m bench.gpu [--seconds 10] [--out bench/results/gpu]
+    python3 -m bench.gpu [--seconds 10] [--out bench/results/gpu] [--frontend-processes 1,4]
+
+(a) and (b) run once per frontend process count, side by side.
 
 Needs onnxruntime-gpu (CUDAExecutionProvider) and cuda-python; models come from `examples/generate_models.py`.
 """
@@ -68,20 +70,21 @@ def _device_used() -> int:
 
 
 class CpuShare:
-    """CPU used by the server's frontend process and by its workers while a load runs, in cores: one
-    frontend process near 1.0 core means the frontend's event loop is the bottleneck."""
+    """CPU used by the server's frontend processes and by its workers while a load runs, in cores: a
+    frontend process near 1.0 core means its event loop is the bottleneck."""
 
     def __init__(self, server) -> None:
         import psutil
 
-        self.frontend = psutil.Process(server.proc.pid)
+        self.frontends = [psutil.Process(server.proc.pid),
+                          *(psutil.Process(pid) for pid in server.frontend_pids().values())]
         self.workers = server.workers()
 
     def _times(self) -> tuple[float, float]:
         def cpu(p) -> float:
             t = p.cpu_times()
             return t.user + t.system
-        return cpu(self.frontend), sum(cpu(w) for w in self.workers)
+        return sum(cpu(f) for f in self.frontends), sum(cpu(w) for w in self.workers)
 
     def __enter__(self) -> CpuShare:
         self.t0, self.start = time.monotonic(), self._times()
@@ -94,8 +97,8 @@ class CpuShare:
         self.worker_cores = (end[1] - self.start[1]) / wall
 
     def __str__(self) -> str:
-        return (f"frontend process {self.frontend_cores:.2f} cores, model workers {self.worker_cores:.2f} cores "
-                "(user + system CPU over the run)")
+        return (f"{len(self.frontends)} frontend process(es) {self.frontend_cores:.2f} cores, model workers "
+                f"{self.worker_cores:.2f} cores")
 
 
 @contextlib.contextmanager
@@ -136,49 +139,70 @@ def engine_alone(repo: Path, model: str, batch: int, seconds: float) -> float:
     return rate
 
 
+def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: Path) -> dict:
+    """(a) and (b) against one server with `frontends` frontend processes."""
+    rng = np.random.default_rng(0)
+    args = ["--model-control-mode", "explicit", "--load-model", "convnet", "--load-model", "tiny",
+            "--frontend-processes", str(frontends)]
+    with start(repo, args, timeout_s=300) as server:
+        # (a) convnet, batch-8 requests from 64 clients, dynamic batching.
+        x8 = {"x": rng.standard_normal((8, 16, 32, 32), dtype=np.float32)}
+        before = (_metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"'),
+                  _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"'))
+        spy = py_spy if frontends == 1 else None  # profiles of the single-frontend run only
+        with CpuShare(server) as convnet_cpu, profiled(spy, server, "convnet", seconds, out):
+            convnet = run_load_processes(server.url, "convnet", x8, 64, seconds, {"x": "FP32"}, processes=8)
+        rows = _metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"') - before[0]
+        execs = _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"') - before[1]
+        # (b) tiny, batch-1 requests from 64 clients: the frontend's ceiling.
+        x1 = {"x": rng.standard_normal((1, 16), dtype=np.float32)}
+        with CpuShare(server) as tiny_cpu, profiled(spy, server, "tiny", seconds, out):
+            tiny = run_load_processes(server.url, "tiny", x1, 64, seconds, {"x": "FP32"}, processes=8)
+    return {"frontends": frontends, "convnet": convnet, "mean_batch": rows / max(execs, 1),
+            "convnet_cpu": convnet_cpu, "tiny": tiny, "tiny_cpu": tiny_cpu}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu")
     parser.add_argument("--py-spy", type=Path, default=None,
                         help="py-spy executable: profile the frontend and the worker during (a) and (b)")
+    parser.add_argument("--frontend-processes", default="1,4",
+                        help="comma-separated frontend process counts to compare (a server each)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     models = ROOT / "examples" / "models"
     subprocess.run([sys.executable, str(ROOT / "examples" / "generate_models.py"), "--out", str(models)], check=True)
     repo = _repo(Path("/tmp/trtserve-gpu-bench"), models)
+    counts = [int(n) for n in args.frontend_processes.split(",")]
     lines = ["# GPU end to end", "", f"Machine: {platform.node()}, {os.cpu_count()} CPU cores; "
              f"`nvidia-smi -L`: {subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True).stdout.strip()}",
-             f"Command: `python3 -m bench.gpu --seconds {args.seconds}`", ""]
-    rng = np.random.default_rng(0)
-    with start(repo, ["--model-control-mode", "explicit", "--load-model", "convnet", "--load-model", "tiny"],
-               timeout_s=300) as server:
-        # (a) convnet, batch-8 requests from 64 clients, dynamic batching, against the engine alone.
-        x8 = {"x": rng.standard_normal((8, 16, 32, 32), dtype=np.float32)}
-        before = (_metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"'),
-                  _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"'))
-        with CpuShare(server) as convnet_cpu, profiled(args.py_spy, server, "convnet", args.seconds, args.out):
-            served = run_load_processes(server.url, "convnet", x8, 64, args.seconds, {"x": "FP32"}, processes=8)
-        rows = _metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"') - before[0]
-        execs = _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"') - before[1]
-        mean_batch = rows / max(execs, 1)
-        # (b) tiny, batch-1 requests from 64 clients: the frontend's ceiling.
-        x1 = {"x": rng.standard_normal((1, 16), dtype=np.float32)}
-        with CpuShare(server) as tiny_cpu, profiled(args.py_spy, server, "tiny", args.seconds, args.out):
-            tiny = run_load_processes(server.url, "tiny", x1, 64, args.seconds, {"x": "FP32"}, processes=8)
-    alone = engine_alone(repo, "convnet", max(1, round(mean_batch)), min(args.seconds, 10))
-    ratio = served.rps * 8 / alone
+             f"Command: `python3 -m bench.gpu --seconds {args.seconds} --frontend-processes {args.frontend_processes}`",
+             "", "Clients: 64 closed-loop tritonclient threads in 8 processes, each with its own TCP connection.",
+             ""]
+    runs = [serve(repo, n, args.seconds, args.py_spy, args.out) for n in counts]
+    alone: dict[int, float] = {}
     lines += ["## (a) convnet: batch-8 requests, 64 clients, dynamic batching", "",
-              "| served inferences/s | p50 ms | p99 ms | errors | mean executed batch | engine alone inferences/s "
-              "at that batch | served / alone |", "|---|---|---|---|---|---|---|",
-              f"| {served.rps * 8:.0f} | {served.percentile_ms(50):.1f} | {served.percentile_ms(99):.1f} | "
-              f"{served.errors} | {mean_batch:.1f} | {alone:.0f} | {ratio:.0%} ({'PASS' if ratio >= 0.8 else 'FAIL'}"
-              " against the 80% goal) |", "",
-              f"Where the time went: {convnet_cpu}", "",
-              "## (b) tiny: batch-1 requests, 64 clients (frontend ceiling)", "",
-              "| requests/s | p50 ms | p99 ms | errors |", "|---|---|---|---|",
-              f"| {tiny.rps:.0f} | {tiny.percentile_ms(50):.2f} | {tiny.percentile_ms(99):.2f} | {tiny.errors} |", "",
-              f"Where the time went: {tiny_cpu}", ""]
+              "| frontend processes | served inferences/s | p50 ms | p99 ms | errors | mean executed batch | "
+              "engine alone inferences/s at that batch | served / alone | CPU |", "|---" * 9 + "|"]
+    for run in runs:
+        batch = max(1, round(run["mean_batch"]))
+        if batch not in alone:
+            alone[batch] = engine_alone(repo, "convnet", batch, min(args.seconds, 10))
+        served = run["convnet"]
+        ratio = served.rps * 8 / alone[batch]
+        verdict = "PASS" if ratio >= 0.8 else "FAIL"
+        lines.append(f"| {run['frontends']} | {served.rps * 8:.0f} | {served.percentile_ms(50):.1f} | "
+                     f"{served.percentile_ms(99):.1f} | {served.errors} | {run['mean_batch']:.1f} | "
+                     f"{alone[batch]:.0f} | {ratio:.0%} ({verdict} against the 80% goal) | {run['convnet_cpu']} |")
+    lines += ["", "## (b) tiny: batch-1 requests, 64 clients (frontend ceiling)", "",
+              "| frontend processes | requests/s | p50 ms | p99 ms | errors | CPU |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        tiny = run["tiny"]
+        lines.append(f"| {run['frontends']} | {tiny.rps:.0f} | {tiny.percentile_ms(50):.2f} | "
+                     f"{tiny.percentile_ms(99):.2f} | {tiny.errors} | {run['tiny_cpu']} |")
+    lines.append("")
     lines += sweep(repo, args.seconds)
     (args.out / "REPORT-gpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

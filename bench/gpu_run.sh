@@ -3,6 +3,8 @@
 # on the CUDA provider, and the batching benchmark on that machine's 16 CPU cores (mlp on the CPU).
 #
 #   bash bench/gpu_run.sh OUT_DIR
+#   STEPS="tests gpu batching" bash bench/gpu_run.sh OUT_DIR   # a subset (default: all five steps)
+#   FRONTENDS=1,4,8: the frontend process counts bench.gpu compares (the default)
 #
 # Needs onnxruntime-gpu (CUDAExecutionProvider), cuda-python and the packages of `pip install -e .`
 # importable by python3 (on the device they are staged: see bench/results/gpu/REPORT-gpu.md for how).
@@ -13,16 +15,21 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 { nvidia-smi -L; nproc; $py --version; } > "$out/machine.txt" 2>&1
 $py examples/generate_models.py --out examples/models > /dev/null
-timeout 90 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_buffer_pool.py tests/test_gpu_server.py \
-    tests/test_onnxruntime_engine.py tests/test_onnxruntime_plans.py tests/test_registry.py \
+steps=" ${STEPS:-tests sweep shapes gpu batching} "
+step() { [[ "$steps" == *" $1 "* ]]; }
+step tests && { timeout 90 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_buffer_pool.py \
+    tests/test_gpu_server.py tests/test_onnxruntime_engine.py tests/test_onnxruntime_plans.py tests/test_registry.py \
     tests/test_tensorrt_backend.py > "$out/gpu-tests.log" 2>&1
-echo "gpu tests: exit $?" | tee -a "$out/gpu-tests.log"
-timeout 240 $py -m bench.engine_sweep --gpu --out "$out" > "$out/engine_sweep.log" 2>&1
-echo "engine sweep: exit $?"
-timeout 60 $py -m bench.cuda_shapes --out "$out/cuda_shapes.md" > "$out/cuda_shapes.log" 2>&1
-echo "bench.cuda_shapes: exit $?"
-timeout 180 $py -m bench.gpu --seconds 8 --out "$out" ${PY_SPY:+--py-spy "$PY_SPY"} > "$out/gpu.log" 2>&1
-echo "bench.gpu: exit $?"
-timeout 120 $py -m bench.batching --quick > "$out/batching.log" 2>&1
-echo "bench.batching (CPU cores of the GPU machine): exit $?"
-cp bench/results/batching.md "$out/batching-16core.md" 2>/dev/null
+    echo "gpu tests: exit $?" | tee -a "$out/gpu-tests.log"; }
+step sweep && { timeout 240 $py -m bench.engine_sweep --gpu --out "$out" > "$out/engine_sweep.log" 2>&1
+                echo "engine sweep: exit $?"; }
+step shapes && { timeout 60 $py -m bench.cuda_shapes --out "$out/cuda_shapes.md" > "$out/cuda_shapes.log" 2>&1
+                 echo "bench.cuda_shapes: exit $?"; }
+step gpu && { timeout 300 $py -m bench.gpu --seconds 8 --frontend-processes "${FRONTENDS:-1,4,8}" --out "$out" \
+    ${PY_SPY:+--py-spy "$PY_SPY"} > "$out/gpu.log" 2>&1
+    echo "bench.gpu: exit $?"; }
+step batching && for n in 1 4; do
+    timeout 150 $py -m bench.batching --quick --frontend-processes $n > "$out/batching-$n.log" 2>&1
+    echo "bench.batching --frontend-processes $n (CPU cores of the GPU machine): exit $?"
+    cp bench/results/batching.md "$out/batching-16core-${n}fe.md" 2>/dev/null
+done

@@ -1,4 +1,6 @@
-"""A closed-loop load generator: N threads, each with its own tritonclient.grpc client, for a fixed time.
+"""A closed-loop load generator: N threads, each with its own tritonclient.grpc client and TCP connection
+(like N client machines: the kernel spreads connections, not requests, over several frontend
+processes), for a fixed time.
 
 Used by the benchmarks; prints and returns requests/s and latency percentiles.
 """
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+
+from tests.server import separate_client
 
 
 @dataclass
@@ -38,7 +42,7 @@ def run_load(url: str, model: str, inputs: dict[str, np.ndarray], clients: int, 
     errors = [0] * clients
 
     def worker(i: int) -> None:
-        client = grpcclient.InferenceServerClient(url)
+        client = separate_client(url)
         reqs = []
         for name, array in inputs.items():
             inp = grpcclient.InferInput(name, list(array.shape), datatypes[name])

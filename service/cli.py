@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
          "while the larger engine builds; BLOCKING waits for it", type=str.upper,
          choices=["BACKGROUND", "BLOCKING"], default=_DEFAULTS.engine_rebuild)
 
+    _add(serve, "frontend-processes", "gRPC frontend processes sharing the port: one Python process parses "
+         "about 3,500 small requests/s; with N > 1 the kernel spreads client connections over N processes, "
+         "each talking to the workers directly (give each a core; every one maps its own shared memory per "
+         "model)", type=_positive, default=_DEFAULTS.frontend_processes)
+
     build = sub.add_parser("build", help="build engine plans into the cache ahead of time (init containers)")
     _add(build, "model-repository", "path of the model repository", required=_env("model-repository", None) is None)
     _add(build, "engine-cache-dir", "directory of the on-disk engine plan cache",
@@ -94,6 +99,13 @@ def _on_off(value: str | bool) -> bool:
     if text in ("0", "off", "false", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+
+
+def _positive(value: str | int) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value!r}")
+    return number
 
 
 def _path(value: str | None) -> Path | None:
@@ -125,6 +137,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         engine_mode=args.engine_mode,
         engine_bucket=args.engine_bucket,
         engine_rebuild=args.engine_rebuild,
+        frontend_processes=int(args.frontend_processes),
     )
 
 

@@ -32,3 +32,4 @@ class ServerSettings:
     engine_mode: str = "REUSE"  # server default for engine_policy.mode; TRTSERVE_MULTI_ENGINE=1 -> MULTI
     engine_bucket: str = "POW2"
     engine_rebuild: str = "BACKGROUND"
+    frontend_processes: int = 1  # gRPC frontend processes sharing the port (SO_REUSEPORT)

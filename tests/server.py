@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
+import tritonclient.grpc as grpcclient
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
@@ -62,12 +63,18 @@ class ServerProcess:
                 self._changed.wait(min(left, 0.5))
 
     def workers(self) -> list[psutil.Process]:
-        """The model worker processes (children of the server)."""
+        """The model worker processes (children of the server but its extra frontend processes)."""
+        frontends = set(self.frontend_pids().values())
         try:
             return [p for p in psutil.Process(self.proc.pid).children(recursive=True)
-                    if "resource_tracker" not in " ".join(p.cmdline())]
+                    if "resource_tracker" not in " ".join(p.cmdline()) and p.pid not in frontends]
         except psutil.NoSuchProcess:
             return []
+
+    def frontend_pids(self) -> dict[int, int]:
+        """Extra frontend process index -> its latest pid, from the log (empty with one frontend)."""
+        found = re.findall(r"frontend process (\d+) serving \(pid (\d+)\)", "".join(self.lines))
+        return {int(i): int(pid) for i, pid in found}
 
     def worker_pid(self, model: str) -> int:
         """The pid of a model's current worker, from the server's log."""
@@ -99,3 +106,25 @@ def shm_segments(pid: int) -> list[str]:
 
 def start(repository: Path = EXAMPLES, args: Sequence[str] = (), **kwargs: object) -> ServerProcess:
     return ServerProcess(repository, *args, **kwargs)
+
+
+def metric_value(server: ServerProcess, name: str, **labels: str) -> float:
+    """The value of one sample on the server's /metrics (0 when the series does not exist yet)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def separate_client(url: str) -> grpcclient.InferenceServerClient:
+    """A tritonclient with a TCP connection of its own, like a separate client machine: gRPC otherwise
+    shares one connection between the channels of a process that go to the same address."""
+    return grpcclient.InferenceServerClient(url, channel_args=[
+        ("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+        ("grpc.use_local_subchannel_pool", 1)])

@@ -47,6 +47,7 @@ def test_every_flag_has_an_environment_variable(monkeypatch):
         "TRTSERVE_ENGINE_BUCKET": "EXACT", "TRTSERVE_ENGINE_REBUILD": "BLOCKING",
         "TRTSERVE_MAX_INFLIGHT_PER_MODEL": "9", "TRTSERVE_WORKER_HANG_TIMEOUT_SECONDS": "11",
         "TRTSERVE_TLS_CERT": "/c.pem", "TRTSERVE_TLS_KEY": "/k.pem", "TRTSERVE_TLS_CLIENT_CA": "/ca.pem",
+        "TRTSERVE_FRONTEND_PROCESSES": "4",
     }
     s = _settings(["serve"], monkeypatch, env)
     assert s.model_repository == Path("/models") and s.host == "127.0.0.1"
@@ -58,9 +59,17 @@ def test_every_flag_has_an_environment_variable(monkeypatch):
     assert s.intra_op_spinning is True
     assert (s.max_inflight_per_model, s.worker_hang_timeout_seconds) == (9, 11.0)
     assert (s.tls_cert, s.tls_key, s.tls_client_ca) == (Path("/c.pem"), Path("/k.pem"), Path("/ca.pem"))
+    assert s.frontend_processes == 4
     # every serve flag is covered above
     flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions} - {"help"}
     assert {f"TRTSERVE_{f.upper()}" for f in flags} == set(env)
+
+
+def test_frontend_processes_must_be_at_least_one(monkeypatch, capsys):
+    assert _settings(["serve", "--model-repository", "r"], monkeypatch).frontend_processes == 1
+    with pytest.raises(SystemExit):
+        _settings(["serve", "--model-repository", "r", "--frontend-processes", "0"], monkeypatch)
+    assert "expected 1 or more, got '0'" in capsys.readouterr().err
 
 
 def test_multi_engine_switch(monkeypatch):

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,6 +22,8 @@ from service.engines.policy import EnginePolicy
 from service.errors import ServeError
 from service.frontend.errors import ErrorInterceptor
 from service.frontend.health import Health
+from service.frontend.ports import bind_public_port, grpc_options
+from service.frontend.replicas import FrontendReplicas
 from service.frontend.servicer import InferenceServicer
 from service.metrics import MetricsEndpoint, ServerMetrics, start_http_server
 from service.proto import inference_pb2, inference_pb2_grpc
@@ -44,13 +49,18 @@ class RunningServer:
     metrics: ServerMetrics
     metrics_endpoint: MetricsEndpoint | None
     settings: ServerSettings
+    replicas: FrontendReplicas | None = None  # the extra frontend processes, if any
+    socket_dir: Path | None = None  # their internal sockets and the workers'
 
     async def shutdown(self) -> None:
         await self.health.shutdown()
-        await self.server.stop(self.settings.shutdown_grace_seconds)
+        grace = self.settings.shutdown_grace_seconds
+        await asyncio.gather(self.server.stop(grace), *([self.replicas.stop(grace)] if self.replicas else []))
         await self.manager.close()
         if self.metrics_endpoint is not None:
             await asyncio.to_thread(self.metrics_endpoint.stop)
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 async def start(settings: ServerSettings) -> RunningServer:
@@ -60,11 +70,20 @@ async def start(settings: ServerSettings) -> RunningServer:
     health = Health()
 
     updates: set[asyncio.Task[None]] = set()  # health updates in flight (kept so they are not collected)
+    replicas: FrontendReplicas | None = None
+    # Private (0700) directory for the sockets between processes: the parent's internal gRPC port that
+    # extra frontends forward to, and each worker's listening socket.
+    socket_dir = Path(tempfile.mkdtemp(prefix="trtserve-")) if settings.frontend_processes > 1 else None
+
+    async def publish_routes() -> None:
+        if replicas is not None:
+            await replicas.publish(manager.routes())
 
     def ready_changed() -> None:
-        task = loop.create_task(health.update({h.spec.name: h.ready for h in manager.loaded()}))
-        updates.add(task)
-        task.add_done_callback(updates.discard)
+        for coro in (health.update({h.spec.name: h.ready for h in manager.loaded()}), publish_routes()):
+            task = loop.create_task(coro)
+            updates.add(task)
+            task.add_done_callback(updates.discard)
 
     manager = ModelManager(
         ModelRepository(settings.model_repository),
@@ -78,22 +97,17 @@ async def start(settings: ServerSettings) -> RunningServer:
                            hang_timeout_s=settings.worker_hang_timeout_seconds,
                            heartbeat_interval_s=min(2.0, settings.worker_hang_timeout_seconds / 4),
                            max_inflight=settings.max_inflight_per_model),
-        metrics, on_ready_change=ready_changed,
+        metrics, on_ready_change=ready_changed, socket_dir=socket_dir, on_routes_change=publish_routes,
     )
-    limits = [("grpc.max_receive_message_length", settings.max_request_bytes),
-              ("grpc.max_send_message_length", settings.max_request_bytes)]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=limits)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=grpc_options(settings))
     inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(manager, metrics, health, settings), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     _enable_reflection(server)
-    address = f"{_bracket(settings.host)}:{settings.grpc_port}"
-    if settings.tls_cert:
-        grpc_port = server.add_secure_port(address, _tls_credentials(settings))
-    else:
-        grpc_port = server.add_insecure_port(address)
-    if grpc_port == 0:
-        raise OSError(f"could not bind gRPC port {settings.host}:{settings.grpc_port}")
+    grpc_port = bind_public_port(server, settings, settings.grpc_port)
+    internal_address = f"unix:{socket_dir / 'frontend.sock'}" if socket_dir else ""
+    if socket_dir is not None:
+        server.add_insecure_port(internal_address)
     await server.start()
     endpoint = None
     if settings.metrics_port >= 0:
@@ -102,8 +116,11 @@ async def start(settings: ServerSettings) -> RunningServer:
              grpc_port,
              f"{settings.host}:{endpoint.port}" if endpoint else "off")
     await health.update({})
+    if socket_dir is not None:
+        replicas = FrontendReplicas(settings, grpc_port, internal_address, metrics, manager.shm_wait_s)
+        await replicas.start()
     running = RunningServer(grpc_port, endpoint.port if endpoint else None, server, manager, health, metrics,
-                            endpoint, settings)
+                            endpoint, settings, replicas, socket_dir)
     await _load_initial_models(running)
     return running
 
@@ -136,17 +153,6 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
     names = (inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server, pool=POOL)
-
-
-def _tls_credentials(settings: ServerSettings) -> grpc.ServerCredentials:
-    """TLS for the gRPC port; with a client CA, clients must present a certificate it signed."""
-    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-    return grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 async def _run(settings: ServerSettings) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import json_format
@@ -21,42 +22,42 @@ from service.settings import ServerSettings
 from service.workers.manager import ModelManager, require_explicit
 
 Context = grpc.aio.ServicerContext
+SERVICE = "inference.GRPCInferenceService"
 EXTENSIONS = ["model_repository", "model_repository(unload_dependents)", "statistics", "model_configuration"]
 
 
-class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    """KServe v2 / Triton gRPC API over the model manager."""
+class Models(Protocol):
+    """Where inference requests go: `get` returns what serves a model (`.spec`, `async infer(...)`)."""
 
-    def __init__(self, manager: ModelManager, metrics: ServerMetrics, health: Health,
-                 settings: ServerSettings) -> None:
-        self._models = manager
+    def get(self, name: str, version: str = "") -> Any: ...
+
+
+class RequestMetrics(Protocol):
+    """The two per-request events the infer RPCs report (ServerMetrics, or an extra frontend's recorder)."""
+
+    def observe_request(self, model: str, version: int | str, status: str, seconds: float, rows: int) -> Any: ...
+
+    def add_pending(self, model: str, version: int | str, delta: int) -> None: ...
+
+
+class InferRpcs(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    """`ModelInfer` and `ModelStreamInfer`: decode, run on the model's worker, encode. Every frontend
+    process serves these itself."""
+
+    def __init__(self, models: Models, metrics: RequestMetrics) -> None:
+        self._models = models
         self._metrics = metrics
-        self._health = health
-        self._settings = settings
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
-
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=not self._health.shutting_down and self._models.all_ready())
-
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self._models.is_ready(request.name, request.version))
-
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
-                             context: Context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="trtserve", version=__version__, extensions=EXTENSIONS)
-
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
-                            context: Context) -> pb.ModelMetadataResponse:
-        spec = self._models.spec(request.name, request.version)
-        inputs, outputs = codec.tensor_metadata(spec)
-        return pb.ModelMetadataResponse(name=spec.name, versions=[str(spec.version)],
-                                        platform=spec.config.platform,
-                                        inputs=inputs, outputs=outputs)
-
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        return pb.ModelConfigResponse(config=self._models.spec(request.name, request.version).config)
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """The two RPCs' handlers by full method name (for a server that registers nothing else of them)."""
+        return {
+            f"/{SERVICE}/ModelInfer": grpc.unary_unary_rpc_method_handler(
+                self.ModelInfer, request_deserializer=pb.ModelInferRequest.FromString,
+                response_serializer=pb.ModelInferResponse.SerializeToString),
+            f"/{SERVICE}/ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                self.ModelStreamInfer, request_deserializer=pb.ModelInferRequest.FromString,
+                response_serializer=pb.ModelStreamInferResponse.SerializeToString),
+        }
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         return await self._infer(request, context.time_remaining())
@@ -122,6 +123,40 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             self._metrics.observe_request(spec.name, str(spec.version), status,
                                           time.perf_counter() - started, rows)
+
+
+class InferenceServicer(InferRpcs):
+    """KServe v2 / Triton gRPC API over the model manager (the parent process)."""
+
+    def __init__(self, manager: ModelManager, metrics: ServerMetrics, health: Health,
+                 settings: ServerSettings) -> None:
+        super().__init__(manager, metrics)
+        self._health = health
+        self._settings = settings
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=not self._health.shutting_down and self._models.all_ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._models.is_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: Context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="trtserve", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: Context) -> pb.ModelMetadataResponse:
+        spec = self._models.spec(request.name, request.version)
+        inputs, outputs = codec.tensor_metadata(spec)
+        return pb.ModelMetadataResponse(name=spec.name, versions=[str(spec.version)],
+                                        platform=spec.config.platform,
+                                        inputs=inputs, outputs=outputs)
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=self._models.spec(request.name, request.version).config)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
                               context: Context) -> pb.ModelStatisticsResponse:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from service.errors import FailedPrecondition, NotFound, ServeError, Unavailable
 from service.metrics import ServerMetrics
@@ -30,12 +31,18 @@ class ModelManager:
     """Loads and unloads models, each into its own supervised worker process."""
 
     def __init__(self, repository: ModelRepository, options: WorkerOptions, settings: SupervisorSettings,
-                 metrics: ServerMetrics, on_ready_change: Callable[[], None] = lambda: None) -> None:
+                 metrics: ServerMetrics, on_ready_change: Callable[[], None] = lambda: None,
+                 socket_dir: Path | None = None,
+                 on_routes_change: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`socket_dir`: where workers listen for extra frontend processes (None: there are none);
+        `on_routes_change` is awaited when a worker replaces another or is unloaded, before the old one stops."""
         self.repository = repository
         self._options = options
         self._settings = settings
         self._metrics = metrics
         self._on_ready_change = on_ready_change
+        self._socket_dir = socket_dir
+        self._on_routes_change = on_routes_change
         self._workers: dict[str, WorkerHandle] = {}
         self._states: dict[str, ModelState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -57,6 +64,7 @@ class ModelManager:
                 on_stats=lambda _, report, s=spec: self._metrics.apply_worker_stats(s.name, s.version,
                                                                                    report["stats"]),
                 on_restart=lambda _: self._metrics.worker_restarted(name),
+                socket_dir=self._socket_dir,
             )
             try:
                 await handle.start()
@@ -73,6 +81,7 @@ class ModelManager:
             old = self._workers.get(name)
             self._workers[name] = handle
             self._states[name] = ModelState(name, str(spec.version), "READY")
+            await self._routes_changed()
             if old is not None:
                 await old.stop()
                 if old.spec.version != spec.version:
@@ -87,6 +96,7 @@ class ModelManager:
                 raise NotFound(f"model '{name}' is not loaded")
             self._states[name] = ModelState(name, str(handle.spec.version), "UNLOADING")
             try:
+                await self._routes_changed()
                 await handle.stop()
             finally:  # a cancelled caller (its deadline) still ends with the worker stopped: say so
                 self._metrics.forget_model(name)
@@ -121,6 +131,19 @@ class ModelManager:
 
     def loaded(self) -> list[WorkerHandle]:
         return list(self._workers.values())
+
+    @property
+    def shm_wait_s(self) -> float:
+        return self._settings.shm_wait_s
+
+    def routes(self) -> dict[str, tuple[ModelSpec, Path]]:
+        """Where extra frontend processes reach each ready worker: model name -> (spec, socket path)."""
+        return {name: (h.spec, h.socket_path) for name, h in self._workers.items()
+                if h.ready and h.socket_path is not None}
+
+    async def _routes_changed(self) -> None:
+        if self._on_routes_change is not None:
+            await self._on_routes_change()
 
     def index(self, ready_only: bool = False) -> list[ModelState]:
         """Every model in the repository with its state, as RepositoryIndex reports it."""

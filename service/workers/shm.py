@@ -12,6 +12,7 @@ import bisect
 import os
 import uuid
 from multiprocessing import shared_memory
+from pathlib import Path
 
 from service.errors import ResourceExhausted
 
@@ -123,3 +124,17 @@ class Arena:
 def attach(name: str) -> shared_memory.SharedMemory:
     """Open the parent's segment from a worker process (the parent alone unlinks it)."""
     return shared_memory.SharedMemory(name=name, create=False)
+
+
+def remove_segments_of(pid: int) -> int:
+    """Remove the segments a dead process created (its arenas); how many there were."""
+    removed = 0
+    for path in Path("/dev/shm").glob(f"trtserve-{pid}-*"):
+        try:
+            segment = shared_memory.SharedMemory(name=path.name, create=False)
+        except FileNotFoundError:
+            continue
+        segment.close()
+        segment.unlink()
+        removed += 1
+    return removed

@@ -1,8 +1,8 @@
 """The parent's handle on one model worker: spawn with a ready handshake, send requests, supervise.
 
-A worker death fails that worker's in-flight requests at once with UNAVAILABLE, marks the model not
-ready and respawns the worker with exponential backoff. Every shared-memory block a request took is
-returned, also when the caller gave up (cancelled) while the worker was still writing into it.
+A worker death fails that worker's in-flight requests at once with UNAVAILABLE (the link does), marks
+the model not ready and respawns the worker with exponential backoff. With extra frontend processes,
+each spawn also gets a listening Unix socket in `socket_dir` through which they reach the worker.
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ import logging
 import multiprocessing
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
-from service.datatypes import element_size
-from service.errors import ConfigError, ResourceExhausted, ServeError, Unavailable
+from service.errors import ConfigError, ServeError, Unavailable
 from service.repository import ModelSpec
 from service.tensors import WireTensor
 from service.workers import protocol, worker
+from service.workers.link import WorkerLink
 from service.workers.shm import Arena
 
 log = logging.getLogger("trtserve.supervisor")
@@ -43,21 +45,14 @@ class SupervisorSettings:
     max_inflight: int = 1024  # requests per model held at once; beyond it RESOURCE_EXHAUSTED at once
 
 
-@dataclass
-class _Pending:
-    future: asyncio.Future[tuple[dict[str, Any], memoryview]]
-    offset: int
-    nbytes: int
-    abandoned: bool = False
-
-
 class WorkerHandle:
     """One model's worker process, seen from the event loop of the parent."""
 
     def __init__(self, spec: ModelSpec, options: worker.WorkerOptions, settings: SupervisorSettings,
                  on_ready_change: Callable[[str, bool], None] = lambda name, ready: None,
                  on_stats: Callable[[str, dict[str, Any]], None] = lambda name, stats: None,
-                 on_restart: Callable[[str], None] = lambda name: None) -> None:
+                 on_restart: Callable[[str], None] = lambda name: None,
+                 socket_dir: Path | None = None) -> None:
         self.spec = spec
         self._options = options
         self._settings = settings
@@ -67,16 +62,14 @@ class WorkerHandle:
         self._ctx = multiprocessing.get_context("spawn")
         self._arena: Arena | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._pending: dict[int, _Pending] = {}
-        self._ids = itertools.count(1)
+        self._link: WorkerLink | None = None
+        self._socket_dir = socket_dir
+        self.socket_path: Path | None = None  # where extra frontend processes reach the running worker
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
         self._restart_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_pong = 0.0
-        self._inflight = 0
         self.ready = False
         self.restarts = 0
         self.pid: int | None = None
@@ -87,6 +80,7 @@ class WorkerHandle:
         if self._arena is None:
             self._arena = Arena(self._settings.shm_bytes)
         loop = asyncio.get_running_loop()
+        listener, path = self._listen()
         parent_sock, child_sock = socket.socketpair()
         try:
             # The parent's end lives on the event loop: writes are buffered, never blocking the loop. It is
@@ -96,17 +90,24 @@ class WorkerHandle:
             reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
         except BaseException:
             child_sock.close()
+            if listener is not None:
+                listener.close()
             raise
         child_conn = Connection(child_sock.detach())  # the worker keeps the blocking Connection API
         process = self._ctx.Process(
-            target=worker.main, args=(self.spec, self._options, child_conn, self._arena.name),
+            target=worker.main, args=(self.spec, self._options, child_conn, self._arena.name, listener),
             name=f"trtserve-worker-{self.spec.name}", daemon=True,
         )
         self._handshake = loop.create_future()
-        process.start()
-        child_conn.close()
-        self._process, self.pid, self._writer = process, process.pid, writer
-        self._reader_task = loop.create_task(self._read_frames(reader))
+        try:
+            process.start()
+        finally:
+            child_conn.close()
+            if listener is not None:
+                listener.close()
+        self._process, self.pid, self.socket_path = process, process.pid, path
+        self._link = WorkerLink(self.spec, self._arena, reader, writer, shm_wait_s=self._settings.shm_wait_s,
+                                max_inflight=self._settings.max_inflight, on_frame=self._control_frame)
         self._started_at = time.monotonic()
         loop.add_reader(process.sentinel, self._on_exit, process)
         try:
@@ -136,7 +137,7 @@ class WorkerHandle:
                           self.spec.name, process.pid, silent)
                 process.kill()
                 return
-            self._send_quietly({"op": protocol.PING, "id": next(ids)})
+            self._link.send({"op": protocol.PING, "id": next(ids)})
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the worker (graceful, then SIGKILL) and remove its shared memory."""
@@ -148,7 +149,7 @@ class WorkerHandle:
         process = self._process
         try:
             if process is not None and process.is_alive():
-                self._send_quietly({"op": protocol.STOP})
+                self._link.send({"op": protocol.STOP})
                 await asyncio.get_running_loop().run_in_executor(None, process.join, timeout_s)
         finally:  # a cancelled caller (a client's deadline on unload) cuts only the graceful wait short
             await self._kill()
@@ -169,32 +170,31 @@ class WorkerHandle:
         if process.is_alive():
             process.kill()
         await asyncio.get_running_loop().run_in_executor(None, process.join, 5)
-        self._detach(process)
-        self._fail_pending(Unavailable(f"model '{self.spec.name}' worker stopped"))
+        self._detach(process, Unavailable(f"model '{self.spec.name}' worker stopped"))
 
-    def _detach(self, process: multiprocessing.process.BaseProcess) -> None:
-        """Stop watching an exited (or killed) worker, close our end of its pipe and its process handle."""
+    def _detach(self, process: multiprocessing.process.BaseProcess, err: ServeError) -> None:
+        """Stop watching an exited (or killed) worker, close our end of its pipe (failing what is pending
+        with `err`), its listening socket's path and its process handle."""
         try:
             asyncio.get_running_loop().remove_reader(process.sentinel)
         except ValueError:
             return  # already detached and closed
         if process is self._process:
-            self._reader_task.cancel()
-            self._writer.close()
-            self._writer = None
+            self._link.close(err)
             self._process = None
+            if self.socket_path is not None:
+                self.socket_path.unlink(missing_ok=True)
+                self.socket_path = None
         if process.exitcode is not None:
             process.close()  # releases its pipe fds now rather than at garbage collection
 
     def _on_exit(self, process: multiprocessing.process.BaseProcess) -> None:
         process.join(1)  # the sentinel fired: the process has exited, reaping it is immediate
         code, pid = process.exitcode, process.pid
-        self._detach(process)
-        err = Unavailable(f"model '{self.spec.name}': worker exited (code {code}); restarting")
+        self._detach(process, Unavailable(f"model '{self.spec.name}': worker exited (code {code}); restarting"))
         if self._handshake is not None and not self._handshake.done():
             self._handshake.set_exception(Unavailable(f"model '{self.spec.name}': worker exited (code {code}) "
                                                       "while loading"))
-        self._fail_pending(err)
         if self._stopping or not self.ready:
             return
         log.error("model %s: worker pid %s exited with code %s", self.spec.name, pid, code)
@@ -223,23 +223,8 @@ class WorkerHandle:
             self.ready = ready
             self._on_ready_change(self.spec.name, ready)
 
-    def _fail_pending(self, err: ServeError) -> None:
-        pending, self._pending = self._pending, {}
-        for p in pending.values():
-            if p.abandoned:
-                self._arena.free(p.offset, p.nbytes)
-            elif not p.future.done():
-                p.future.set_exception(err)
-
     # -- messages ----------------------------------------------------------------------------
-    async def _read_frames(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                self._dispatch(*protocol.decode(await protocol.read_framed(reader)))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the sentinel reports the exit
-
-    def _dispatch(self, header: dict[str, Any], payload: memoryview) -> None:
+    def _control_frame(self, header: dict[str, Any], payload: memoryview) -> None:
         op = header.get("op")
         if op == protocol.READY or op == protocol.FAILED:
             if self._handshake is not None and not self._handshake.done():
@@ -252,90 +237,31 @@ class WorkerHandle:
             self._last_pong = time.monotonic()
         elif op == protocol.STATS:
             self._on_stats(self.spec.name, header)
-        elif (p := self._pending.pop(int(header.get("id", -1)), None)) is not None:
-            if p.abandoned:
-                self._arena.free(p.offset, p.nbytes)
-            elif not p.future.done():
-                p.future.set_result((header, payload))
 
     # -- requests ----------------------------------------------------------------------------
     async def infer(self, inputs: list[WireTensor], output_names: list[str],
                     timeout_s: float | None = None) -> list[WireTensor]:
         """Run one request in the worker. `timeout_s` (the client's deadline) bounds its time in the queue."""
-        if not self.ready or self._writer is None:
+        if not self.ready or self._link is None:
             raise Unavailable(f"model '{self.spec.name}' is not ready")
-        if self._inflight >= self._settings.max_inflight:
-            raise ResourceExhausted(f"model '{self.spec.name}' has {self._inflight} requests in flight, the limit "
-                                    "(--max-inflight-per-model); retry later")
-        self._inflight += 1
+        return await self._link.infer(inputs, output_names, timeout_s)
+
+    @property
+    def inflight(self) -> int:
+        return self._link.inflight if self._link is not None else 0
+
+    def _listen(self) -> tuple[socket.socket | None, Path | None]:
+        """A listening Unix socket for extra frontend processes (none when there are none)."""
+        if self._socket_dir is None:
+            return None, None
+        # Unique per spawn (a replaced worker may still drain on its own); short: Unix socket paths
+        # are limited to 107 bytes, model names are not.
+        path = self._socket_dir / f"worker-{uuid.uuid4().hex[:16]}.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            return await self._infer(inputs, output_names, timeout_s)
-        finally:
-            self._inflight -= 1
-
-    async def _infer(self, inputs: list[WireTensor], output_names: list[str],
-                     timeout_s: float | None) -> list[WireTensor]:
-        arena = self._arena
-        in_bytes = sum(_nbytes(t.data) for t in inputs)
-        out_bytes = self._output_bytes(inputs, output_names)
-        nbytes = in_bytes + out_bytes
-        offset = await arena.alloc(nbytes, self._settings.shm_wait_s)
-        owned = True  # False once the block is handed to the worker's answer (cancelled caller)
-        request_id = next(self._ids)
-        try:
-            refs, cursor = [], offset
-            for t in inputs:
-                n = _nbytes(t.data)
-                arena.buf[cursor:cursor + n] = t.data
-                refs.append(protocol.TensorRef(t.name, t.datatype, tuple(t.shape), cursor, n).to_json())
-                cursor += n
-            if not self.ready or self._writer is None:  # died while we waited for shared memory
-                raise Unavailable(f"model '{self.spec.name}' is not ready")
-            pending = _Pending(asyncio.get_running_loop().create_future(), offset, nbytes)
-            self._pending[request_id] = pending
-            self._writer.write(protocol.framed({"op": protocol.INFER, "id": request_id, "inputs": refs,
-                                                "outputs": output_names, "out_offset": cursor,
-                                                "out_nbytes": out_bytes, "timeout_s": timeout_s}))
-            try:
-                header, payload = await pending.future
-            except asyncio.CancelledError:
-                if self._pending.get(request_id) is pending:
-                    pending.abandoned = True  # the worker may still write into the block
-                    owned = False
-                    self._send_quietly({"op": protocol.CANCEL, "id": request_id})
-                raise
-            if header["op"] == protocol.ERROR:
-                raise ServeError.from_wire(header["error"])
-            outputs = []
-            for item in header["outputs"]:
-                ref = protocol.TensorRef.from_json(item)
-                src = payload if ref.inline else arena.buf
-                outputs.append(WireTensor(ref.name, ref.datatype, ref.shape,
-                                          bytes(src[ref.offset:ref.offset + ref.nbytes])))
-            return outputs
-        finally:
-            if owned:
-                arena.free(offset, nbytes)
-
-    def _send_quietly(self, header: dict[str, Any]) -> None:
-        try:
-            if self._writer is not None:
-                self._writer.write(protocol.framed(header))
-        except (OSError, RuntimeError):
-            pass  # the worker is gone; its exit fails what is pending
-
-    def _output_bytes(self, inputs: list[WireTensor], output_names: list[str]) -> int:
-        """Room for outputs whose size is known up front; the rest travels inline."""
-        rows = inputs[0].shape[0] if self.spec.max_batch_size > 0 and inputs else 1
-        total = 0
-        for out in self.spec.outputs:
-            if out.name in output_names and out.datatype != "BYTES" and all(d > 0 for d in out.dims):
-                n = rows * element_size(out.datatype)
-                for d in out.dims:
-                    n *= d
-                total += n
-        return total
-
-
-def _nbytes(data: bytes | memoryview) -> int:
-    return data.nbytes if isinstance(data, memoryview) else len(data)
+            listener.bind(str(path))
+            listener.listen(64)
+        except OSError:
+            listener.close()
+            raise
+        return listener, path
