@@ -62,6 +62,13 @@ def _metric(port: int, name: str, labels: str) -> float:
     return total
 
 
+def _phases(port: int, model: str) -> dict[str, float]:
+    """Seconds the worker spent so far in each phase of its executions (input = gathering the batch,
+    infer = upload + run + download, output = splitting it and answering)."""
+    return {phase: _metric(port, "trtserve_compute_duration_seconds_sum", f'model="{model}",phase="{phase}"')
+            for phase in ("input", "infer", "output")}
+
+
 def _device_used() -> int:
     from cuda.bindings import runtime as rt
 
@@ -102,15 +109,17 @@ class CpuShare:
 
 
 @contextlib.contextmanager
-def profiled(py_spy: Path | None, server, model: str, seconds: float, out: Path) -> Iterator[None]:
-    """With `py_spy`: sample the frontend and `model`'s worker while the block runs (raw collapsed stacks,
-    idle excluded, to out/profile-<model>-<process>.txt)."""
+def profiled(py_spy: Path | None, server, model: str, seconds: float, out: Path, tag: str) -> Iterator[None]:
+    """With `py_spy`: sample the parent frontend, one extra frontend (if any) and `model`'s worker while the
+    block runs (raw collapsed stacks with native frames, idle excluded, to out/profile-<model>-<process>-<tag>.txt)."""
     if py_spy is None:
         yield
         return
     pids = {"frontend": server.proc.pid, "worker": server.worker_pid(model)}
-    spies = [subprocess.Popen([str(py_spy), "record", "--rate", "200", "--format", "raw", "--duration",
-                               str(max(1, int(seconds) - 1)), "-o", str(out / f"profile-{model}-{name}.txt"),
+    if extra := server.frontend_pids():
+        pids["frontend1"] = extra[min(extra)]
+    spies = [subprocess.Popen([str(py_spy), "record", "--native", "--rate", "200", "--format", "raw", "--duration",
+                               str(max(1, int(seconds) - 1)), "-o", str(out / f"profile-{model}-{name}-{tag}.txt"),
                                "--pid", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for name, pid in pids.items()]
     try:
@@ -149,17 +158,41 @@ def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: 
         x8 = {"x": rng.standard_normal((8, 16, 32, 32), dtype=np.float32)}
         before = (_metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"'),
                   _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"'))
-        spy = py_spy if frontends == 1 else None  # profiles of the single-frontend run only
-        with CpuShare(server) as convnet_cpu, profiled(spy, server, "convnet", seconds, out):
+        phases_before = _phases(server.metrics_port, "convnet")
+        with CpuShare(server) as convnet_cpu, profiled(py_spy, server, "convnet", seconds, out, f"{frontends}fe"):
             convnet = run_load_processes(server.url, "convnet", x8, 64, seconds, {"x": "FP32"}, processes=8)
         rows = _metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"') - before[0]
         execs = _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"') - before[1]
+        phases = {k: v - phases_before[k] for k, v in _phases(server.metrics_port, "convnet").items()}
         # (b) tiny, batch-1 requests from 64 clients: the frontend's ceiling.
         x1 = {"x": rng.standard_normal((1, 16), dtype=np.float32)}
-        with CpuShare(server) as tiny_cpu, profiled(spy, server, "tiny", seconds, out):
+        with CpuShare(server) as tiny_cpu, profiled(py_spy, server, "tiny", seconds, out, f"{frontends}fe"):
             tiny = run_load_processes(server.url, "tiny", x1, 64, seconds, {"x": "FP32"}, processes=8)
     return {"frontends": frontends, "convnet": convnet, "mean_batch": rows / max(execs, 1),
+            "phases_ms": {k: v * 1e3 / max(execs, 1) for k, v in phases.items()},
             "convnet_cpu": convnet_cpu, "tiny": tiny, "tiny_cpu": tiny_cpu}
+
+
+def runtime_alone(repo: Path, model: str, requests: int, rows: int, seconds: float) -> float:
+    """Inferences/s of the worker's batch path without the processes around it: `requests` requests of
+    `rows` rows gathered into the pool, run, split back (ModelRuntime.run, as the worker calls it)."""
+    from service.metrics import WorkerStats
+    from service.repository import ModelRepository
+    from service.workers.runtime import Item, ModelRuntime
+    from service.workers.worker import WorkerOptions
+
+    spec = ModelRepository(repo).load_spec(model)
+    runtime = ModelRuntime(spec, WorkerOptions(), WorkerStats())
+    x = {"x": np.random.default_rng(1).standard_normal((rows, *spec.inputs[0].dims), dtype=np.float32)}
+    for _ in range(5):
+        runtime.run([Item(rows, x) for _ in range(requests)])
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        runtime.run([Item(rows, x) for _ in range(requests)])
+        n += 1
+    rate = n * requests * rows / (time.perf_counter() - t0)
+    runtime.close()
+    return rate
 
 
 def main() -> None:
@@ -183,20 +216,28 @@ def main() -> None:
              ""]
     runs = [serve(repo, n, args.seconds, args.py_spy, args.out) for n in counts]
     alone: dict[int, float] = {}
+    batch_path: dict[int, float] = {}
     lines += ["## (a) convnet: batch-8 requests, 64 clients, dynamic batching", "",
               "| frontend processes | served inferences/s | p50 ms | p99 ms | errors | mean executed batch | "
-              "engine alone inferences/s at that batch | served / alone | CPU |", "|---" * 9 + "|"]
+              "engine alone inferences/s at that batch | served / alone | worker ms per execution "
+              "(gather / run / answer) | CPU |", "|---" * 10 + "|"]
     for run in runs:
         batch = max(1, round(run["mean_batch"]))
         if batch not in alone:
             alone[batch] = engine_alone(repo, "convnet", batch, min(args.seconds, 10))
+            batch_path[batch] = runtime_alone(repo, "convnet", max(1, batch // 8), 8, min(args.seconds, 10))
         served = run["convnet"]
         ratio = served.rps * 8 / alone[batch]
         verdict = "PASS" if ratio >= 0.8 else "FAIL"
         lines.append(f"| {run['frontends']} | {served.rps * 8:.0f} | {served.percentile_ms(50):.1f} | "
                      f"{served.percentile_ms(99):.1f} | {served.errors} | {run['mean_batch']:.1f} | "
-                     f"{alone[batch]:.0f} | {ratio:.0%} ({verdict} against the 80% goal) | {run['convnet_cpu']} |")
-    lines += ["", "## (b) tiny: batch-1 requests, 64 clients (frontend ceiling)", "",
+                     f"{alone[batch]:.0f} | {ratio:.0%} ({verdict} against the 80% goal) | "
+                     f"{' / '.join(f'{v:.2f}' for v in run['phases_ms'].values())} | {run['convnet_cpu']} |")
+    lines += ["", "The worker's batch path alone (`ModelRuntime.run` in one process: batch-8 requests gathered into "
+              "the pool, run, split back; no IPC, no gRPC), inferences/s: "
+              + ", ".join(f"batch {b}: {r:.0f} ({r / alone[b]:.0%} of the engine alone)"
+                          for b, r in batch_path.items()),
+              "", "## (b) tiny: batch-1 requests, 64 clients (frontend ceiling)", "",
               "| frontend processes | requests/s | p50 ms | p99 ms | errors | CPU |", "|---|---|---|---|---|---|"]
     for run in runs:
         tiny = run["tiny"]

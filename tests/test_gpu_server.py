@@ -93,3 +93,40 @@ def test_cuda_pool_bytes_match_device_memory(tmp_path):
         assert _metric(server.metrics_port, 'trtserve_buffer_pool_bytes{memory="pinned",model="big"}') >= expected
         infer(3)  # smaller batches are views: nothing grows
         assert _metric(server.metrics_port, device) == 32 * 2 * ROW * 4
+
+
+def test_inputs_in_pinned_shared_memory_go_straight_to_the_device(tmp_path):
+    """Rows in a pinned arena (the worker pins the frontends' arenas) skip the pool's host staging."""
+    _needs_cuda()
+    from multiprocessing import shared_memory
+
+    from service.metrics import WorkerStats
+    from service.repository import ModelRepository
+    from service.workers.runtime import Item, ModelRuntime
+    from service.workers.worker import WorkerOptions
+
+    repo, c = _repo(tmp_path)
+    runtime = ModelRuntime(ModelRepository(repo).load_spec("big"), WorkerOptions(), WorkerStats())
+    shm = shared_memory.SharedMemory(create=True, size=4 * ROW * 4)
+    xs = np.ndarray((4, ROW), np.float32, buffer=shm.buf)
+    try:
+        xs[:] = np.random.default_rng(4).standard_normal((4, ROW), dtype=np.float32)
+        staging = runtime.pool.views(4).inputs["x"]
+
+        def run(x: np.ndarray) -> np.ndarray:
+            items = [Item(1, {"x": x[0:1]}), Item(3, {"x": x[1:4]})]
+            runtime.run(items)
+            return np.concatenate([items[0].outputs["y"], items[1].outputs["y"]])
+
+        runtime.register_shared(shm.buf)
+        staging[:] = np.nan
+        np.testing.assert_allclose(run(xs), xs + c, rtol=1e-6)
+        assert np.isnan(staging).all()  # never written: the rows went from shared memory to the device
+        runtime.unregister_shared(shm.buf)
+        np.testing.assert_allclose(run(xs), xs + c, rtol=1e-6)
+        np.testing.assert_array_equal(staging, xs)  # unpinned: staged through the pool, as before
+    finally:
+        del xs, staging
+        runtime.close()
+        shm.close()
+        shm.unlink()

@@ -114,6 +114,7 @@ class CudaAllocator:
                 cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreate"
             ))
         self.stream = stream
+        self._registered: dict[int, int] = {}  # start -> end of host ranges pinned with register_host
 
     def _check(self, result: Any, what: str) -> Any:
         err, *rest = result if isinstance(result, tuple) else (result,)
@@ -170,10 +171,41 @@ class CudaAllocator:
                 rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream,
             ), "cudaMemcpyAsync(D2H)")
 
+    def register_host(self, view: memoryview) -> None:
+        """Page-lock memory the engine's inputs arrive in (a worker's shared-memory arenas), so that rows
+        can be copied from it straight to the device (`upload_from`): no staging copy, DMA speed."""
+        array = np.frombuffer(view, np.uint8)
+        ptr = array.ctypes.data
+        if ptr in self._registered:
+            return
+        rt = self._rt
+        self._check(rt.cudaHostRegister(ptr, array.nbytes, rt.cudaHostRegisterDefault), "cudaHostRegister")
+        self._registered[ptr] = ptr + array.nbytes
+
+    def unregister_host(self, view: memoryview) -> None:
+        """Undo `register_host` (after `sync`: no copy from the range may still be queued)."""
+        ptr = np.frombuffer(view, np.uint8).ctypes.data
+        if self._registered.pop(ptr, None) is not None:
+            self._rt.cudaHostUnregister(ptr)
+
+    def is_registered(self, ptr: int, nbytes: int) -> bool:
+        """True when `ptr .. ptr + nbytes` lies in one range pinned by `register_host`."""
+        return any(start <= ptr and ptr + nbytes <= end for start, end in self._registered.items())
+
+    def upload_from(self, device_ptr: int, host_ptr: int, nbytes: int) -> None:
+        """Queue a copy of `nbytes` from a registered host range to a device address on the stream."""
+        if nbytes:
+            rt = self._rt
+            self._check(rt.cudaMemcpyAsync(device_ptr, host_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                           self.stream), "cudaMemcpyAsync(H2D)")
+
     def close(self) -> None:
-        """Wait for the stream and destroy it if this allocator created it."""
+        """Wait for the stream and destroy it if this allocator created it; unpin registered ranges."""
         if self.stream is not None:
             self.sync()
+            for ptr in list(self._registered):
+                self._rt.cudaHostUnregister(ptr)
+            self._registered.clear()
             if self._own_stream:
                 self._rt.cudaStreamDestroy(self.stream)
             self.stream = None

@@ -82,7 +82,8 @@ class BufferSet:
     """Views of the pool for one executed batch of `rows` rows. `inputs`/`outputs` are host-visible
     numpy views (host memory, or the pinned staging of a GPU pool); `device_inputs`/`device_outputs`
     are the device buffers (empty for a host pool). `upload()`/`download()` copy the rows between
-    them on the allocator's stream; `download()` returns once the results are on the host."""
+    them on the allocator's stream; `download()` returns once the results are on the host. Inputs named
+    in `uploaded` were put on the device by the caller (straight from pinned memory): `upload()` skips them."""
 
     rows: int
     inputs: dict[str, np.ndarray]
@@ -90,8 +91,9 @@ class BufferSet:
     device_inputs: dict[str, DeviceView] = field(default_factory=dict)
     device_outputs: dict[str, DeviceView] = field(default_factory=dict)
     _allocator: Allocator | None = None
-    _in: list[tuple[Buffer, int]] = field(default_factory=list)
-    _out: list[tuple[Buffer, int]] = field(default_factory=list)
+    _in: list[tuple[str, Buffer, int]] = field(default_factory=list)
+    _out: list[tuple[str, Buffer, int]] = field(default_factory=list)
+    uploaded: set[str] = field(default_factory=set)
 
     def slice(self, start: int, stop: int) -> BufferSet:
         """Rows start..stop of every view (inputs added by the caller too); chunks do no copies."""
@@ -102,7 +104,7 @@ class BufferSet:
 
     def upload(self) -> None:
         """Queue the copy of the pooled input rows to the device (no-op for a host pool)."""
-        self._copy(self._in, "upload")
+        self._copy([c for c in self._in if c[0] not in self.uploaded], "upload")
 
     def download(self) -> None:
         """Copy the pooled output rows back from the device and wait for them (no-op for a host pool)."""
@@ -110,10 +112,10 @@ class BufferSet:
         if self._allocator is not None and self._out:
             self._allocator.sync()
 
-    def _copy(self, pairs: list[tuple[Buffer, int]], direction: str) -> None:
+    def _copy(self, copies: list[tuple[str, Buffer, int]], direction: str) -> None:
         if self._allocator is None:
             return
-        for buf, nbytes in pairs:
+        for _, buf, nbytes in copies:
             if nbytes and not buf.device_ptr:
                 raise InternalError("buffer set used after the pool grew (its buffers were freed)")
             getattr(self._allocator, direction)(buf, nbytes)
@@ -218,11 +220,11 @@ class BufferPool:
 
     def _view(self, rows: int) -> BufferSet:
         alloc = self.allocator if self.allocator.device_id is not None else None
-        sets: list[tuple[dict[str, np.ndarray], dict[str, DeviceView], list[tuple[Buffer, int]]]] = []
+        sets: list[tuple[dict[str, np.ndarray], dict[str, DeviceView], list[tuple[str, Buffer, int]]]] = []
         for tensors in (self.inputs, self.outputs):
             host: dict[str, np.ndarray] = {}
             device: dict[str, DeviceView] = {}
-            copies: list[tuple[Buffer, int]] = []
+            copies: list[tuple[str, Buffer, int]] = []
             for t in tensors:
                 shape = (rows, *t.shape)
                 buf = self._buffers.get(t.name)
@@ -233,7 +235,7 @@ class BufferPool:
                 host[t.name] = buf.host[:nbytes].view(t.dtype).reshape(shape)
                 if alloc is not None:
                     device[t.name] = DeviceView(buf.device_ptr, t.dtype, shape, int(alloc.device_id))
-                    copies.append((buf, nbytes))
+                    copies.append((t.name, buf, nbytes))
             sets.append((host, device, copies))
         (hin, din, cin), (hout, dout, cout) = sets
         return BufferSet(rows, hin, hout, din, dout, alloc, cin, cout)

@@ -183,6 +183,8 @@ class ModelRuntime:
         bufs = self._views(rows)
         starts = np.cumsum([0] + [i.rows for i in items])
         for t in self.spec.inputs:
+            if t.name in bufs.inputs and self._upload_direct(t.name, bufs, items, starts):
+                continue
             if t.name in bufs.inputs:
                 view = bufs.inputs[t.name]
                 for item, start in zip(items, starts):
@@ -200,6 +202,39 @@ class ModelRuntime:
         for item, start in zip(items, starts):
             item.outputs = {name: array[start:start + item.rows] for name, array in outputs.items()}
         return Execution(items, t1 - t0, t2 - t1, time.perf_counter() - t2)
+
+    def register_shared(self, buf: memoryview) -> None:
+        """Pin a shared-memory arena requests arrive in, where the pool is on a GPU, so that their rows go
+        straight to the device (see `_upload_direct`); without it they are staged (one more copy)."""
+        if self.pool is None or not hasattr(self._allocator, "register_host"):
+            return
+        try:
+            self._allocator.register_host(buf)
+        except ServeError as exc:
+            log.warning("model %s: cannot pin shared memory (%s); inputs are staged", self.spec.name, exc.message)
+
+    def unregister_shared(self, buf: memoryview) -> None:
+        """Undo `register_shared` (between batches: nothing may still be copying from it)."""
+        if self.pool is not None and hasattr(self._allocator, "unregister_host"):
+            self._allocator.sync()
+            self._allocator.unregister_host(buf)
+
+    def _upload_direct(self, name: str, bufs: Any, items: list[Item], starts: Any) -> bool:
+        """Queue each request's rows of input `name` from pinned shared memory straight into the device
+        buffer (the engine runs on the same stream, after the copies). False, changing nothing, unless
+        the pool is on a GPU and every request's array is contiguous, of the pool's dtype, and pinned."""
+        device = bufs.device_inputs.get(name)
+        if device is None or not getattr(self._allocator, "is_registered", None):
+            return False
+        arrays = [item.inputs[name] for item in items]
+        if not all(a.dtype == device.dtype and a.flags.c_contiguous
+                   and self._allocator.is_registered(a.ctypes.data, a.nbytes) for a in arrays):
+            return False
+        row_bytes = device.dtype.itemsize * int(np.prod(device.shape[1:]))
+        for array, start in zip(arrays, starts):
+            self._allocator.upload_from(device.ptr + int(start) * row_bytes, array.ctypes.data, array.nbytes)
+        bufs.uploaded.add(name)
+        return True
 
     def _views(self, rows: int) -> Any:
         """Pool views for a batch of `rows`: as many rows as the engine runs it at (padding engines run

@@ -108,24 +108,29 @@ def main(spec: ModelSpec, options: WorkerOptions, conn: Connection, arena_name: 
         return
     channel.send({"op": protocol.READY, "pid": os.getpid()})
     pings: queue.SimpleQueue[int] = queue.SimpleQueue()
+    closed: queue.SimpleQueue[_Channel] = queue.SimpleQueue()
+    runtime.register_shared(channel.buf)
     threading.Thread(target=_Receiver(channel, runtime, batcher, pings).run, name="receiver", daemon=True).start()
     if listener is not None:
-        threading.Thread(target=_accept, args=(listener, runtime, batcher), name="accept", daemon=True).start()
+        threading.Thread(target=_accept, args=(listener, runtime, batcher, closed), name="accept",
+                         daemon=True).start()
     try:
-        _compute_loop(runtime, batcher, channel, pings, stats)
+        _compute_loop(runtime, batcher, channel, pings, stats, closed)
     finally:
         runtime.close()
 
 
-def _accept(listener: socket.socket, runtime: ModelRuntime, batcher: DynamicBatcher) -> None:
+def _accept(listener: socket.socket, runtime: ModelRuntime, batcher: DynamicBatcher,
+            closed: queue.SimpleQueue[_Channel]) -> None:
     """Serve every extra frontend that connects: its first frame names its arena."""
     while True:
         sock, _ = listener.accept()
-        threading.Thread(target=_serve_connection, args=(Connection(sock.detach()), runtime, batcher),
+        threading.Thread(target=_serve_connection, args=(Connection(sock.detach()), runtime, batcher, closed),
                          name="receiver", daemon=True).start()
 
 
-def _serve_connection(conn: Connection, runtime: ModelRuntime, batcher: DynamicBatcher) -> None:
+def _serve_connection(conn: Connection, runtime: ModelRuntime, batcher: DynamicBatcher,
+                      closed: queue.SimpleQueue[_Channel]) -> None:
     try:
         header, _ = protocol.decode(conn.recv_bytes())
         shm = attach(str(header["arena"]))
@@ -133,7 +138,10 @@ def _serve_connection(conn: Connection, runtime: ModelRuntime, batcher: DynamicB
         log.warning("frontend connection refused: %s", exc)
         conn.close()
         return
-    _Receiver(_Channel(conn, shm, primary=False), runtime, batcher, None).run()
+    channel = _Channel(conn, shm, primary=False)
+    runtime.register_shared(channel.buf)
+    _Receiver(channel, runtime, batcher, None).run()
+    closed.put(channel)  # its arena is unpinned by the compute loop, between batches
 
 
 class _Receiver:
@@ -189,10 +197,12 @@ class _Receiver:
 
 
 def _compute_loop(runtime: ModelRuntime, batcher: DynamicBatcher, channel: _Channel,
-                  pings: queue.SimpleQueue[int], stats: WorkerStats) -> None:
+                  pings: queue.SimpleQueue[int], stats: WorkerStats, closed: queue.SimpleQueue[_Channel]) -> None:
     last_stats = 0.0
     while not batcher.closed or batcher.queued_requests:
         batch = batcher.next_batch(timeout=STATS_INTERVAL_S)
+        while not closed.empty():
+            runtime.unregister_shared(closed.get().buf)
         while not pings.empty():
             channel.send({"op": protocol.PONG, "id": pings.get()})
         for req in batch.expired:
