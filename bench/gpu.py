@@ -148,12 +148,13 @@ def engine_alone(repo: Path, model: str, batch: int, seconds: float) -> float:
     return rate
 
 
-def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: Path) -> dict:
-    """(a) and (b) against one server with `frontends` frontend processes."""
+def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: Path, code: Path = ROOT) -> dict:
+    """(a) and (b) against one server with `frontends` frontend processes, running the `service`
+    package of the checkout `code`."""
     rng = np.random.default_rng(0)
     args = ["--model-control-mode", "explicit", "--load-model", "convnet", "--load-model", "tiny",
             "--frontend-processes", str(frontends)]
-    with start(repo, args, timeout_s=300) as server:
+    with start(repo, args, timeout_s=300, cwd=code) as server:
         # (a) convnet, batch-8 requests from 64 clients, dynamic batching.
         x8 = {"x": rng.standard_normal((8, 16, 32, 32), dtype=np.float32)}
         before = (_metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"'),
@@ -168,7 +169,8 @@ def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: 
         x1 = {"x": rng.standard_normal((1, 16), dtype=np.float32)}
         with CpuShare(server) as tiny_cpu, profiled(py_spy, server, "tiny", seconds, out, f"{frontends}fe"):
             tiny = run_load_processes(server.url, "tiny", x1, 64, seconds, {"x": "FP32"}, processes=8)
-    return {"frontends": frontends, "convnet": convnet, "mean_batch": rows / max(execs, 1),
+    label = str(frontends) if code == ROOT else f"{frontends} ({code.name})"
+    return {"frontends": label, "convnet": convnet, "mean_batch": rows / max(execs, 1),
             "phases_ms": {k: v * 1e3 / max(execs, 1) for k, v in phases.items()},
             "convnet_cpu": convnet_cpu, "tiny": tiny, "tiny_cpu": tiny_cpu}
 
@@ -203,6 +205,9 @@ def main() -> None:
                         help="py-spy executable: profile the frontend and the worker during (a) and (b)")
     parser.add_argument("--frontend-processes", default="1,4",
                         help="comma-separated frontend process counts to compare (a server each)")
+    parser.add_argument("--compare-with", type=Path, default=None,
+                        help="another checkout (its `service` package and generated protos): each (a)/(b) "
+                             "point also runs on it, alternately with this one, rows marked with its name")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     models = ROOT / "examples" / "models"
@@ -214,7 +219,9 @@ def main() -> None:
              f"Command: `python3 -m bench.gpu --seconds {args.seconds} --frontend-processes {args.frontend_processes}`",
              "", "Clients: 64 closed-loop tritonclient threads in 8 processes, each with its own TCP connection.",
              ""]
-    runs = [serve(repo, n, args.seconds, args.py_spy, args.out) for n in counts]
+    codes = [ROOT] if args.compare_with is None else [ROOT, args.compare_with.resolve()]
+    runs = [serve(repo, n, args.seconds, args.py_spy, args.out, code)
+            for i, n in enumerate(counts) for code in (codes if i % 2 == 0 else codes[::-1])]
     alone: dict[int, float] = {}
     batch_path: dict[int, float] = {}
     lines += ["## (a) convnet: batch-8 requests, 64 clients, dynamic batching", "",

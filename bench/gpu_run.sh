@@ -5,6 +5,7 @@
 #   bash bench/gpu_run.sh OUT_DIR
 #   STEPS="tests gpu batching" bash bench/gpu_run.sh OUT_DIR   # a subset (default: all five steps)
 #   FRONTENDS=1,4,8: the frontend process counts bench.gpu compares (the default)
+#   COMPARE=DIR: bench.gpu also runs another checkout's `service` side by side (--compare-with)
 #
 # Needs onnxruntime-gpu (CUDAExecutionProvider), cuda-python and the packages of `pip install -e .`
 # importable by python3 (on the device they are staged: see bench/results/gpu/REPORT-gpu.md for how).
@@ -26,7 +27,7 @@ step sweep && { timeout 240 $py -m bench.engine_sweep --gpu --out "$out" > "$out
 step shapes && { timeout 60 $py -m bench.cuda_shapes --out "$out/cuda_shapes.md" > "$out/cuda_shapes.log" 2>&1
                  echo "bench.cuda_shapes: exit $?"; }
 step gpu && { timeout 300 $py -m bench.gpu --seconds 8 --frontend-processes "${FRONTENDS:-1,4,8}" --out "$out" \
-    ${PY_SPY:+--py-spy "$PY_SPY"} > "$out/gpu.log" 2>&1
+    ${PY_SPY:+--py-spy "$PY_SPY"} ${COMPARE:+--compare-with "$COMPARE"} > "$out/gpu.log" 2>&1
     echo "bench.gpu: exit $?"; }
 step batching && for n in 1 4; do
     timeout 150 $py -m bench.batching --quick --frontend-processes $n > "$out/batching-$n.log" 2>&1

@@ -24,10 +24,11 @@ class ServerProcess:
     """A started server; `url` for tritonclient, `lines` its log so far, `stop()` sends SIGTERM."""
 
     def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None,
-                 wait_ready: bool = True, timeout_s: float = 90.0) -> None:
+                 wait_ready: bool = True, timeout_s: float = 90.0, cwd: Path = ROOT) -> None:
+        """`cwd`: the checkout whose `service` package runs (another one for side-by-side comparisons)."""
         cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(repository),
                "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         self._eof = False

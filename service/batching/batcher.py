@@ -1,9 +1,10 @@
 """The per-model dynamic batcher inside a worker: a bounded FIFO queue that hands out executed batches.
 
-A receiver thread calls `submit`; the compute loop calls `next_batch(timeout)`, which always returns
-within `timeout` (so the loop can answer heartbeats) with a batch to run, requests that expired while
-queued (to fail with DEADLINE_EXCEEDED, never run), or nothing. The decision itself is the pure
-`policy.decide`; this class adds the lock, the queue bound, deadlines and waiting.
+The worker's loop calls `submit` for each request it receives and `next_batch(timeout)`, which always
+returns within `timeout` (so the loop can answer heartbeats) with a batch to run, requests that expired
+while queued (to fail with DEADLINE_EXCEEDED, never run), or nothing; a loop that receives and computes
+on one thread polls (`timeout=0`) and waits for input for at most `wait_hint`. The decision itself is
+the pure `policy.decide`; this class adds the lock, the queue bound, deadlines and waiting.
 
 All times are on the injected `clock` (seconds, monotonic). Waiting uses `Condition.wait` with the
 remaining clock time as the real timeout; a fake clock in tests calls `poke()` after it advances so a
@@ -131,6 +132,26 @@ class DynamicBatcher:
                 if earliest is not None:
                     wake_at = min(wake_at, earliest)
                 self._cond.wait(max(wake_at - now, 0.0))
+
+    def wait_hint(self, limit: float) -> float:
+        """Seconds until `next_batch(0)` may return something (0: now), at most `limit`: how long a
+        caller that also receives the requests (one thread) may wait for new ones before asking again."""
+        with self._cond:
+            if self._closed:
+                return 0.0
+            if not self._queue:
+                return limit
+            now = self._clock()
+            decision = decide(self._queue, now, self.settings)
+            if decision.flush:
+                return 0.0
+            wake_at = now + limit
+            if decision.wake_at is not None:
+                wake_at = min(wake_at, decision.wake_at)
+            earliest = self._earliest_deadline()
+            if earliest is not None:
+                wake_at = min(wake_at, earliest)
+            return max(0.0, wake_at - now)
 
     def poke(self) -> None:
         """Make waiting consumers re-evaluate now (a fake clock calls this after advancing)."""

@@ -1,25 +1,23 @@
 """The model worker process: receives requests from the frontends, batches and runs them, answers.
 
-Threads: a receiver per frontend connection that reads its frames and queues requests in the dynamic
-batcher, and the compute loop (the main thread) that executes batches and sends every answer,
-heartbeats included, so a stuck compute loop shows as missing heartbeats. The parent's pipe is the
-primary connection (control, heartbeats, stats); extra frontend processes connect through the
-listening socket the parent gave, each naming its own shared-memory arena first. When the parent
-dies its pipe closes and the worker exits: no orphans.
+One thread does it all (`_serve`): it receives frames from every frontend connection, queues requests
+in the dynamic batcher, runs the batches that are due and answers, heartbeats included, so a stuck
+compute loop shows as missing heartbeats. The parent's pipe is the primary connection (control,
+heartbeats, stats); extra frontend processes connect through the listening socket the parent gave,
+each naming its own shared-memory arena first. When the parent dies its pipe closes and the worker
+exits: no orphans.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import socket
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +30,8 @@ from service.errors import Cancelled, DeadlineExceeded, InternalError, ServeErro
 from service.metrics import WorkerStats
 from service.repository import ModelSpec
 from service.workers import protocol
+from service.workers.connections import Channel, Connections
 from service.workers.runtime import Item, ModelRuntime
-from service.workers.shm import attach
 
 log = logging.getLogger("trtserve.worker")
 STATS_INTERVAL_S = 0.1
@@ -50,30 +48,6 @@ class WorkerOptions:
     default_policy: EnginePolicy = field(default_factory=EnginePolicy)
 
 
-class _Channel:
-    """One frontend's connection and its shared-memory arena; written from several threads."""
-
-    def __init__(self, conn: Connection, shm: SharedMemory, primary: bool) -> None:
-        self.conn = conn
-        self.shm = shm  # referenced for as long as requests may hold views of its buffer
-        self.buf = shm.buf
-        self.primary = primary
-        self._lock = threading.Lock()
-
-    def send(self, header: dict[str, Any], payload: bytes | None = None) -> None:
-        frame = protocol.encode(header, payload)
-        with self._lock:
-            try:
-                self.conn.send_bytes(frame)
-            except OSError:
-                if self.primary:
-                    raise
-                # An extra frontend went away; its requests have nobody left to answer.
-
-    def error(self, request_id: int, exc: ServeError) -> None:
-        self.send({"op": protocol.ERROR, "id": request_id, "error": exc.to_wire()})
-
-
 @dataclass
 class _Job:
     """One request as the worker holds it: the frontend's header, its input views, where to answer."""
@@ -82,7 +56,7 @@ class _Job:
     header: dict[str, Any]
     rows: int
     inputs: dict[str, np.ndarray]
-    channel: _Channel
+    channel: Channel
 
 
 def main(spec: ModelSpec, options: WorkerOptions, conn: Connection, arena_name: str,
@@ -94,141 +68,172 @@ def main(spec: ModelSpec, options: WorkerOptions, conn: Connection, arena_name: 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=options.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker[{spec.name}] %(message)s")
-    channel = _Channel(conn, attach(arena_name), primary=True)
+    pipe = socket.socket(fileno=os.dup(conn.fileno()))
+    conn.close()
+    conns = Connections(pipe, arena_name, listener)
     stats = WorkerStats()
     try:
         runtime = ModelRuntime(spec, options, stats)
         batcher = DynamicBatcher(BatcherSettings.for_model(spec.config))
     except ServeError as exc:
-        channel.send({"op": protocol.FAILED, "error": exc.to_wire()})
+        conns.primary.send({"op": protocol.FAILED, "error": exc.to_wire()})
+        conns.flush()
         return
     except Exception as exc:  # a backend failing to load must reach the parent as a message
         log.exception("model failed to load")
-        channel.send({"op": protocol.FAILED, "error": InternalError(f"{type(exc).__name__}: {exc}").to_wire()})
+        conns.primary.send({"op": protocol.FAILED,
+                            "error": InternalError(f"{type(exc).__name__}: {exc}").to_wire()})
+        conns.flush()
         return
-    channel.send({"op": protocol.READY, "pid": os.getpid()})
-    pings: queue.SimpleQueue[int] = queue.SimpleQueue()
-    closed: queue.SimpleQueue[_Channel] = queue.SimpleQueue()
-    runtime.register_shared(channel.buf)
-    threading.Thread(target=_Receiver(channel, runtime, batcher, pings).run, name="receiver", daemon=True).start()
-    if listener is not None:
-        threading.Thread(target=_accept, args=(listener, runtime, batcher, closed), name="accept",
-                         daemon=True).start()
+    conns.primary.send({"op": protocol.READY, "pid": os.getpid()})
+    conns.flush()
+    runtime.register_shared(conns.primary.buf)
     try:
-        _compute_loop(runtime, batcher, channel, pings, stats, closed)
+        _serve(runtime, batcher, conns, stats)
+    except EOFError:
+        os._exit(0)  # the parent is gone; nobody is left to answer
     finally:
         runtime.close()
 
 
-def _accept(listener: socket.socket, runtime: ModelRuntime, batcher: DynamicBatcher,
-            closed: queue.SimpleQueue[_Channel]) -> None:
-    """Serve every extra frontend that connects: its first frame names its arena."""
-    while True:
-        sock, _ = listener.accept()
-        threading.Thread(target=_serve_connection, args=(Connection(sock.detach()), runtime, batcher, closed),
-                         name="receiver", daemon=True).start()
-
-
-def _serve_connection(conn: Connection, runtime: ModelRuntime, batcher: DynamicBatcher,
-                      closed: queue.SimpleQueue[_Channel]) -> None:
+def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, stats: WorkerStats) -> None:
+    """The worker's loop: receive requests (also while a batch runs: a full queue is refused at once, a
+    cancelled request leaves the queue), hand due batches to the engine thread one at a time, answer a
+    batch while the next one runs, report. Pings are answered between batches, so a stuck batch shows
+    as missing heartbeats."""
+    engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+    running: _Running | None = None
+    pongs: list[int] = []
+    last_stats, wait = 0.0, 0.0
+    batched = runtime.spec.max_batch_size > 0
     try:
-        header, _ = protocol.decode(conn.recv_bytes())
-        shm = attach(str(header["arena"]))
-    except (EOFError, OSError, KeyError, ValueError) as exc:
-        log.warning("frontend connection refused: %s", exc)
-        conn.close()
-        return
-    channel = _Channel(conn, shm, primary=False)
-    runtime.register_shared(channel.buf)
-    _Receiver(channel, runtime, batcher, None).run()
-    closed.put(channel)  # its arena is unpinned by the compute loop, between batches
-
-
-class _Receiver:
-    """Reads one connection's frames and turns them into queued requests, cancellations and (from the
-    parent only) pings and the stop."""
-
-    def __init__(self, channel: _Channel, runtime: ModelRuntime, batcher: DynamicBatcher,
-                 pings: queue.SimpleQueue[int] | None) -> None:
-        self.channel, self.runtime, self.batcher, self.pings = channel, runtime, batcher, pings
-        self.buf = channel.buf
-        self.batched = runtime.spec.max_batch_size > 0
-
-    def run(self) -> None:
         while True:
-            try:
-                header, _ = protocol.decode(self.channel.conn.recv_bytes())
-            except (EOFError, OSError):
-                if self.channel.primary:
-                    os._exit(0)  # the parent is gone; nobody is left to answer
-                self.channel.conn.close()  # an extra frontend left; its queued requests answer into the void
-                return
-            op = header.get("op")
-            if op == protocol.STOP and self.channel.primary:
-                self.batcher.close()
-                return
-            if op == protocol.PING and self.pings is not None:
-                self.pings.put(int(header["id"]))
-                self.batcher.poke()
-            elif op == protocol.CANCEL:
-                cancelled = self.batcher.cancel(
-                    lambda r, i=int(header["id"]): r.payload.id == i and r.payload.channel is self.channel)
-                for req in cancelled:
-                    self.channel.error(req.payload.id, Cancelled("request cancelled while queued"))
-            elif op == protocol.INFER:
-                self._infer(header)
+            for channel, frame in conns.receive(wait):
+                _dispatch(channel, frame, runtime, batcher, batched, pongs)
+            finished = None
+            if running is not None and running.future.done():
+                finished, running = running, None
+                _detach_outputs(finished)
+            if running is None:
+                for pong in pongs:
+                    conns.primary.send({"op": protocol.PONG, "id": pong})
+                pongs.clear()
+                _pin(runtime, conns)
+                if batcher.closed and not batcher.queued_requests:
+                    if finished is not None:
+                        _finish(finished, runtime.spec, stats)
+                    break
+                batch = batcher.next_batch(timeout=0)
+                for req in batch.expired:
+                    req.payload.channel.error(req.payload.id,
+                                              DeadlineExceeded("deadline passed while the request was queued"))
+                if batch.requests:
+                    running = _start(engine, runtime, batch.requests, conns)
+            if finished is not None:  # answered while the engine runs the next batch
+                _finish(finished, runtime.spec, stats)
+            now = time.monotonic()
+            if now - last_stats >= STATS_INTERVAL_S:
+                runtime.refresh_gauges()
+                if report := stats.drain():
+                    conns.primary.send({"op": protocol.STATS, "stats": report})
+                last_stats = now
+            conns.flush()
+            until_stats = max(0.0, last_stats + STATS_INTERVAL_S - now)
+            wait = until_stats if running is not None else batcher.wait_hint(until_stats)
+    finally:
+        engine.shutdown(wait=True)
+        conns.flush()
 
-    def _infer(self, header: dict[str, Any]) -> None:
+
+def _pin(runtime: ModelRuntime, conns: Connections) -> None:
+    """Pin the arenas of frontends that connected, unpin those of frontends that left (between batches:
+    no copy from them can be in flight)."""
+    for channel in conns.opened:
+        runtime.register_shared(channel.buf)
+    conns.opened.clear()
+    for channel in conns.closed:
+        runtime.unregister_shared(channel.buf)
+    conns.closed.clear()
+
+
+def _dispatch(channel: Channel, frame: bytes, runtime: ModelRuntime, batcher: DynamicBatcher,
+              batched: bool, pongs: list[int]) -> None:
+    """One frame from a frontend: a request to queue, a cancellation, or (from the parent) a ping or the stop."""
+    header, _ = protocol.decode(frame)
+    op = header.get("op")
+    if op == protocol.INFER:
+        _submit(channel, header, runtime, batcher, batched)
+    elif op == protocol.CANCEL:
         request_id = int(header["id"])
-        try:
-            refs = [protocol.TensorRef.from_json(item) for item in header["inputs"]]
-            inputs = {r.name: tensors.to_array(r.datatype, r.shape, self.buf[r.offset:r.offset + r.nbytes],
-                                               name=r.name) for r in refs}
-            rows = refs[0].shape[0] if self.batched and refs else 1
-            job = _Job(request_id, header, rows, inputs, self.channel)
-            if rows == 0:  # an empty batch needs no engine
-                _reply(self.runtime.spec, job, self.runtime.empty_outputs())
-                return
-            timeout = header.get("timeout_s")
-            deadline = time.monotonic() + float(timeout) if timeout is not None else None
-            self.batcher.submit(QueuedRequest(rows=rows, deadline=deadline, payload=job))
-        except ServeError as exc:
-            self.channel.error(request_id, exc)
+        for req in batcher.cancel(lambda r: r.payload.id == request_id and r.payload.channel is channel):
+            channel.error(req.payload.id, Cancelled("request cancelled while queued"))
+    elif op == protocol.PING and channel.primary:
+        pongs.append(int(header["id"]))
+    elif op == protocol.STOP and channel.primary:
+        batcher.close()
 
 
-def _compute_loop(runtime: ModelRuntime, batcher: DynamicBatcher, channel: _Channel,
-                  pings: queue.SimpleQueue[int], stats: WorkerStats, closed: queue.SimpleQueue[_Channel]) -> None:
-    last_stats = 0.0
-    while not batcher.closed or batcher.queued_requests:
-        batch = batcher.next_batch(timeout=STATS_INTERVAL_S)
-        while not closed.empty():
-            runtime.unregister_shared(closed.get().buf)
-        while not pings.empty():
-            channel.send({"op": protocol.PONG, "id": pings.get()})
-        for req in batch.expired:
-            req.payload.channel.error(req.payload.id, DeadlineExceeded("deadline passed while the request was queued"))
-        if batch.requests:
-            _execute(runtime, batch.requests, stats)
-        now = time.monotonic()
-        if now - last_stats >= STATS_INTERVAL_S:
-            runtime.refresh_gauges()
-            if report := stats.drain():
-                channel.send({"op": protocol.STATS, "stats": report})
-            last_stats = now
+def _submit(channel: Channel, header: dict[str, Any], runtime: ModelRuntime, batcher: DynamicBatcher,
+            batched: bool) -> None:
+    request_id = int(header["id"])
+    try:
+        refs = [protocol.TensorRef.from_json(item) for item in header["inputs"]]
+        buf = channel.buf
+        inputs = {r.name: tensors.to_array(r.datatype, r.shape, buf[r.offset:r.offset + r.nbytes], name=r.name)
+                  for r in refs}
+        rows = refs[0].shape[0] if batched and refs else 1
+        job = _Job(request_id, header, rows, inputs, channel)
+        if rows == 0:  # an empty batch needs no engine
+            _reply(runtime.spec, job, runtime.empty_outputs())
+            return
+        timeout = header.get("timeout_s")
+        deadline = time.monotonic() + float(timeout) if timeout is not None else None
+        batcher.submit(QueuedRequest(rows=rows, deadline=deadline, payload=job))
+    except ServeError as exc:
+        channel.error(request_id, exc)
 
 
-def _execute(runtime: ModelRuntime, requests: tuple[QueuedRequest, ...], stats: WorkerStats) -> None:
+@dataclass
+class _Running:
+    """The batch the engine thread is running."""
+
+    jobs: list[_Job]
+    items: list[Item]
+    future: Future[list[Any]]
+
+
+def _start(engine: ThreadPoolExecutor, runtime: ModelRuntime, requests: tuple[QueuedRequest, ...],
+           conns: Connections) -> _Running:
+    """Hand a batch to the engine thread, which wakes the loop when it is done."""
     jobs: list[_Job] = [r.payload for r in requests]
     started = time.monotonic()
     items = [Item(job.rows, job.inputs, queued_s=started - r.enqueued_at) for job, r in zip(jobs, requests)]
+    future = engine.submit(runtime.run, items)
+    future.add_done_callback(lambda _: conns.wake())
+    return _Running(jobs, items, future)
+
+
+def _detach_outputs(running: _Running) -> None:
+    """Copy a finished batch's outputs out of the pool (they are views of it) so that the next batch
+    can run before this one is answered."""
+    if running.future.exception() is not None:
+        return
+    for item in running.items:
+        item.outputs = {name: array.copy() if array.base is not None else array
+                        for name, array in item.outputs.items()}
+
+
+def _finish(running: _Running, spec: ModelSpec, stats: WorkerStats) -> None:
+    """Answer every request of a finished batch (outputs, or the batch's error) and record it."""
+    jobs, items = running.jobs, running.items
     try:
-        executions = runtime.run(items)
+        executions = running.future.result()
     except ServeError as exc:
         for job in jobs:
             job.channel.error(job.id, exc)
         return
     except Exception as exc:  # an engine failure fails this batch, not the worker
-        log.exception("batch of %d requests failed", len(jobs))
+        log.error("batch of %d requests failed", len(jobs), exc_info=exc)
         for job in jobs:
             job.channel.error(job.id, InternalError(f"inference failed: {type(exc).__name__}: {exc}"))
         return
@@ -237,8 +242,8 @@ def _execute(runtime: ModelRuntime, requests: tuple[QueuedRequest, ...], stats: 
         if item.error is not None:
             job.channel.error(job.id, item.error)
         else:
-            _reply(runtime.spec, job, item.outputs)
-        job.inputs = {}  # drop views of the parent's block once answered
+            _reply(spec, job, item.outputs)
+        job.inputs = {}  # drop views of the frontend's block once answered
     reply_s = (time.perf_counter() - t0) / max(len(executions), 1)
     for ex in executions:
         stats.record_exec(ex.rows, [i.queued_s for i in ex.items], ex.input_s, ex.infer_s, ex.output_s + reply_s)
