@@ -24,9 +24,10 @@ from service.frontend.errors import ErrorInterceptor
 from service.frontend.health import Health
 from service.frontend.ports import bind_public_port, grpc_options
 from service.frontend.replicas import FrontendReplicas
-from service.frontend.servicer import InferenceServicer
+from service.frontend.request_wire import service_handlers
+from service.frontend.servicer import SERVICE, InferenceServicer
 from service.metrics import MetricsEndpoint, ServerMetrics, start_http_server
-from service.proto import inference_pb2, inference_pb2_grpc
+from service.proto import inference_pb2
 from service.proto._pool import POOL
 from service.repository import ModelRepository
 from service.settings import ServerSettings
@@ -100,8 +101,8 @@ async def start(settings: ServerSettings) -> RunningServer:
         metrics, on_ready_change=ready_changed, socket_dir=socket_dir, on_routes_change=publish_routes,
     )
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=grpc_options(settings))
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(manager, metrics, health, settings), server)
+    servicer = InferenceServicer(manager, metrics, health, settings)
+    server.add_generic_rpc_handlers([service_handlers(servicer, SERVICE, servicer.handlers())])
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     _enable_reflection(server)
     grpc_port = bind_public_port(server, settings, settings.grpc_port)

@@ -231,13 +231,15 @@ def _decode_common(request: inference_pb2.ModelInferRequest, spec: ModelSpec,
 
 
 def decode_request(
-    request: inference_pb2.ModelInferRequest, spec: ModelSpec
+    request: inference_pb2.ModelInferRequest, spec: ModelSpec, raw: list[memoryview] | None = None
 ) -> tuple[list[WireTensor], list[str]]:
-    """The request's inputs in config order as raw tensors, and the output names to return.
+    """The request's inputs in config order as raw tensors, and the output names to return. `raw`: the
+    raw contents when they were kept out of the message (`request_wire`).
 
     Raises InvalidArgument, naming the input and what was expected, for anything malformed.
     """
-    raw = list(request.raw_input_contents)  # each access copies out of the message: do it once
+    if raw is None:
+        raw = list(request.raw_input_contents)  # each access copies out of the message: do it once
     common = _decode_common(request, spec, raw)
     if common is not None:
         return common, _requested_outputs(request, spec)

@@ -23,6 +23,7 @@ from service.errors import ServeError
 from service.frontend.errors import ErrorInterceptor
 from service.frontend.ports import bind_public_port, grpc_options
 from service.frontend.proxy import ForwardingHandler
+from service.frontend.request_wire import InferRequest
 from service.frontend.routes import RequestRecorder, RouteTable
 from service.frontend.servicer import InferRpcs
 from service.proto import inference_pb2 as pb
@@ -44,11 +45,11 @@ class ReplicaServicer(InferRpcs):
         self._routes = routes
         self._parent = parent
 
-    async def _infer(self, request: pb.ModelInferRequest, timeout_s: float | None) -> pb.ModelInferResponse:
-        if self._routes.route(request.model_name, request.model_version) is not None:
+    async def _infer(self, request: InferRequest, timeout_s: float | None) -> pb.ModelInferResponse:
+        if self._routes.route(request.message.model_name, request.message.model_version) is not None:
             return await super()._infer(request, timeout_s)
         try:
-            return await self._parent.ModelInfer(request, timeout=timeout_s)
+            return await self._parent.ModelInfer(request.whole(), timeout=timeout_s)
         except grpc.aio.AioRpcError as err:
             raise ServeError.from_wire({"code": err.code().name, "message": err.details() or ""}) from None
 

@@ -15,6 +15,7 @@ from service.errors import ServeError
 from service.frontend import codec
 from service.frontend.errors import status_of
 from service.frontend.health import Health
+from service.frontend.request_wire import InferRequest, parse_infer_request
 from service.metrics import ServerMetrics
 from service.proto import inference_pb2 as pb
 from service.proto import inference_pb2_grpc
@@ -49,33 +50,35 @@ class InferRpcs(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._metrics = metrics
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        """The two RPCs' handlers by full method name (for a server that registers nothing else of them)."""
+        """The two RPCs' handlers by full method name; requests arrive as `InferRequest`s (their tensor
+        bytes not copied out of the received message)."""
         return {
             f"/{SERVICE}/ModelInfer": grpc.unary_unary_rpc_method_handler(
-                self.ModelInfer, request_deserializer=pb.ModelInferRequest.FromString,
+                self.ModelInfer, request_deserializer=parse_infer_request,
                 response_serializer=pb.ModelInferResponse.SerializeToString),
             f"/{SERVICE}/ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
-                self.ModelStreamInfer, request_deserializer=pb.ModelInferRequest.FromString,
+                self.ModelStreamInfer, request_deserializer=parse_infer_request,
                 response_serializer=pb.ModelStreamInferResponse.SerializeToString),
         }
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: InferRequest, context: Context) -> pb.ModelInferResponse:
         return await self._infer(request, context.time_remaining())
 
-    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
+    async def ModelStreamInfer(self, requests: AsyncIterator[InferRequest],
                                context: Context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently; responses stream back as they finish, each echoing its request id."""
         done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
-        async def one(request: pb.ModelInferRequest) -> None:
+        async def one(request: InferRequest) -> None:
             try:
                 response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
             except Exception as exc:  # each request's error goes back in-stream; the stream stays open
                 _, message = status_of(exc)
+                m = request.message
                 response = pb.ModelStreamInferResponse(
                     error_message=message, infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id))
+                        model_name=m.model_name, model_version=m.model_version, id=m.id))
             await done.put(response)
 
         async def read_all() -> None:
@@ -96,14 +99,15 @@ class InferRpcs(inference_pb2_grpc.GRPCInferenceServiceServicer):
             for task in list(tasks):
                 task.cancel()
 
-    async def _infer(self, request: pb.ModelInferRequest, timeout_s: float | None) -> pb.ModelInferResponse:
+    async def _infer(self, parsed: InferRequest, timeout_s: float | None) -> pb.ModelInferResponse:
         started = time.perf_counter()
+        request = parsed.message
         handle = self._models.get(request.model_name, request.model_version)  # before any metric label
         spec = handle.spec
         rows = 0
         status = "OK"
         try:
-            inputs, output_names = codec.decode_request(request, spec)
+            inputs, output_names = codec.decode_request(request, spec, parsed.raw)
             rows = inputs[0].shape[0] if spec.max_batch_size > 0 and inputs else 1
             self._metrics.add_pending(spec.name, spec.version, 1)
             try:
