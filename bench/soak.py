@@ -54,7 +54,9 @@ def _client(url: str, seed: int, stop: threading.Event, counters: Counters, tiny
     """Closed loop: random model from MIX, random batch size; checks every answer's shape (and tiny's values)."""
     rng = np.random.default_rng(seed)
     pick = random.Random(seed)
-    with grpc.insecure_channel(url) as channel:
+    # A connection per client thread (gRPC shares one between a process's channels otherwise), so that
+    # with several frontend processes the clients spread over them.
+    with grpc.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         while not stop.is_set():
             model = pick.choice(MIX)
@@ -102,11 +104,15 @@ def _sample(server: ServerProcess, t: float, counters: Counters, last: dict) -> 
             workers[model] = psutil.Process(server.worker_pid(model)).memory_info().rss
         except psutil.NoSuchProcess:
             workers[model] = 0
-    size, resident = _shm_bytes(server.proc.pid)
+    frontends = [server.proc.pid, *server.frontend_pids().values()]
+    size = resident = 0
+    for pid in frontends:
+        pid_size, pid_resident = _shm_bytes(pid)
+        size, resident = size + pid_size, resident + pid_resident
     row = {"t": t, "requests": requests, "errors": errors,
            "rps": (requests - last.get("requests", 0)) / max(t - last.get("t", 0.0), 1e-9),
            "p99_ms": float(np.percentile(latencies, 99) * 1000) if latencies else float("nan"),
-           "server_rss": psutil.Process(server.proc.pid).memory_info().rss,
+           "server_rss": sum(psutil.Process(pid).memory_info().rss for pid in frontends),
            **{f"{m}_rss": v for m, v in workers.items()}, "shm_size": size, "shm_resident": resident}
     return row
 
@@ -123,7 +129,8 @@ def _report(rows: list[dict], warmup_s: float, args: argparse.Namespace, first_e
     steady = [r for r in rows if r["t"] >= warmup_s]
     keys = ("server_rss", *(f"{m}_rss" for m in MODELS), "shm_resident")
     total, errors = rows[-1]["requests"], rows[-1]["errors"]
-    cmd = "python -m bench.soak --minutes " + f"{args.minutes:g}" + (" --quick" if args.quick else "")
+    cmd = ("python -m bench.soak --minutes " + f"{args.minutes:g}" + (" --quick" if args.quick else "")
+           + (f" --frontend-processes {args.frontend_processes}" if args.frontend_processes > 1 else ""))
     lines = [
         "# Soak: constant mixed load on the real server",
         "",
@@ -134,6 +141,8 @@ def _report(rows: list[dict], warmup_s: float, args: argparse.Namespace, first_e
         "anything else running on the machine).",
         "",
         "## Summary",
+        "",
+        "`server RSS` is every frontend process together (the parent and the extra ones), `shm` their arenas.",
         "",
         f"- requests: {total}, errors: {errors} (goal 0){'; first: ' + first_error if first_error else ''}",
         f"- mean throughput after warm-up: {np.mean([r['rps'] for r in steady]):.0f} requests/s" if steady else "",
@@ -191,13 +200,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 s samples after a 30 s warm-up")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--frontend-processes", type=int, default=1, help="the server's --frontend-processes")
     args = parser.parse_args()
     args.interval, warmup_s = (2.0, 30.0) if args.quick else (5.0, 60.0)
     from tests.reference import initializers  # the model's own constant, for value checks of tiny
 
     tiny_c = initializers(EXAMPLES / "tiny" / "1" / "model.onnx")["c"].astype(np.float32)
     counters, stop, rows = Counters(), threading.Event(), []
-    server_args = ["--model-control-mode", "explicit", *(a for m in MODELS for a in ("--load-model", m))]
+    server_args = ["--model-control-mode", "explicit", *(a for m in MODELS for a in ("--load-model", m)),
+                   "--frontend-processes", str(args.frontend_processes)]
     with start(EXAMPLES, server_args) as server:
         threads = [threading.Thread(target=_client, args=(server.url, i, stop, counters, tiny_c), daemon=True)
                    for i in range(args.clients)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,13 +43,22 @@ def _processes_holding_clients(server: ServerProcess, clients: list) -> set[int]
     return holding
 
 
+def _socket_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("trtserve-sockets-*"))
+
+
 @pytest.fixture(scope="module")
 def multi(example_repo) -> ServerProcess:
+    dirs_before = _socket_dirs()
     server = ServerProcess(example_repo, "--model-control-mode", "explicit", "--load-model", "tiny",
                            "--frontend-processes", str(FRONTENDS))
+    assert _socket_dirs() - dirs_before, "no private socket directory was made"
     yield server
+    frontends = list(server.frontend_pids().values())
     assert server.stop() == 0
-    assert not list(Path("/dev/shm").glob(f"trtserve-{server.proc.pid}-*"))
+    for pid in (server.proc.pid, *frontends):
+        assert not list(Path("/dev/shm").glob(f"trtserve-{pid}-*")), f"shared memory of {pid} left behind"
+    assert _socket_dirs() <= dirs_before  # the sockets' directory is removed
 
 
 def test_every_frontend_process_serves_and_the_parent_counts_every_request(multi: ServerProcess):
@@ -128,6 +138,32 @@ def test_every_rpc_is_answered_the_same_by_every_frontend(multi: ServerProcess):
     finally:
         for client in clients:
             client.close()
+
+
+def test_streaming_rpcs_are_forwarded_to_the_parent_from_every_frontend(multi: ServerProcess):
+    """Health Watch (one request, a stream of answers) and reflection (streams both ways) go through
+    the extra frontends' forwarding: each of 12 connections gets the parent's answers."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.insecure_channel(multi.url, options=options) for _ in range(12)]
+    try:
+        for channel in channels:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="tiny"),
+                                                               timeout=10)
+            assert next(iter(watch)).status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+            services = ProtoReflectionDescriptorDatabase(channel).get_services()
+            assert "inference.GRPCInferenceService" in services and "grpc.health.v1.Health" in services
+        pids = {multi.proc.pid, *multi.frontend_pids().values()}
+        holding = {pid for pid in pids for c in psutil.Process(pid).net_connections(kind="tcp")
+                   if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == multi.grpc_port}
+        assert len(holding) >= 2, holding
+    finally:
+        for channel in channels:
+            channel.close()
 
 
 def test_a_reload_under_load_loses_no_request(multi: ServerProcess):

@@ -8,19 +8,23 @@ import time
 import grpc
 import numpy as np
 import psutil
+import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.server import shm_segments, start
+from tests.server import separate_client, shm_segments, start
 
 IN_FLIGHT = 20
 
 
-def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(example_repo):
-    server = start(example_repo, ["--shutdown-grace-seconds", "90"])
-    workers = [p.pid for p in server.workers()]
-    client = grpcclient.InferenceServerClient(server.url)
+@pytest.mark.parametrize("frontends", [1, 3])
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(example_repo, frontends):
+    server = start(example_repo, ["--shutdown-grace-seconds", "90", "--frontend-processes", str(frontends)])
+    extra = list(server.frontend_pids().values())
+    children = [p.pid for p in server.workers()] + extra
+    clients = [separate_client(server.url) for _ in range(4)]  # connections spread over the processes
+    client = clients[0]
     x = np.random.default_rng(0).standard_normal((8, 16, 32, 32), dtype=np.float32)
     inp = grpcclient.InferInput("x", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
@@ -34,8 +38,8 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(example_repo):
             results.append(error if error is not None else result.as_numpy("y"))
             done.notify_all()
 
-    for _ in range(IN_FLIGHT):
-        client.async_infer("convnet", [inp], callback, client_timeout=120)
+    for i in range(IN_FLIGHT):
+        clients[i % len(clients)].async_infer("convnet", [inp], callback, client_timeout=120)
     time.sleep(0.5)  # let every request reach the server
     with done:
         finished_before = len(results)
@@ -66,8 +70,9 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(example_repo):
     assert not errors, errors[:3]
     for y in results:
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers)
-    assert shm_segments(server.proc.pid) == []
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in children)
+    for pid in (server.proc.pid, *extra):
+        assert shm_segments(pid) == []
 
 
 def _tiny() -> list[grpcclient.InferInput]:

@@ -152,6 +152,15 @@ class EngineRegistry:
             slot = self._chosen.get(batch) or self._fit(batch)
             return slot.capacity if slot is not None and slot.pad and slot.capacity > batch else batch
 
+    def expected_seconds(self, batch: int) -> float | None:
+        """How long `batch` is expected to run on the engine that would take it now (from that engine's
+        past runs); None when unknown or when no live engine can take it (it would wait for a build)."""
+        with self._cond:
+            slot = self._chosen.get(batch) or self._fit(batch)
+            if slot is None:
+                return None
+            return slot.times.predict(slot.capacity if slot.pad and slot.capacity > batch else batch)
+
     def _pads(self, engine: Any) -> bool:
         """Whether batches on `engine` run at its capacity (policy `padding`; "auto": the engine's
         `fixed_shape` wish)."""

@@ -74,7 +74,7 @@ async def start(settings: ServerSettings) -> RunningServer:
     replicas: FrontendReplicas | None = None
     # Private (0700) directory for the sockets between processes: the parent's internal gRPC port that
     # extra frontends forward to, and each worker's listening socket.
-    socket_dir = Path(tempfile.mkdtemp(prefix="trtserve-")) if settings.frontend_processes > 1 else None
+    socket_dir = Path(tempfile.mkdtemp(prefix="trtserve-sockets-")) if settings.frontend_processes > 1 else None
 
     async def publish_routes() -> None:
         if replicas is not None:
@@ -117,11 +117,16 @@ async def start(settings: ServerSettings) -> RunningServer:
              grpc_port,
              f"{settings.host}:{endpoint.port}" if endpoint else "off")
     await health.update({})
-    if socket_dir is not None:
-        replicas = FrontendReplicas(settings, grpc_port, internal_address, metrics, manager.shm_wait_s)
-        await replicas.start()
     running = RunningServer(grpc_port, endpoint.port if endpoint else None, server, manager, health, metrics,
-                            endpoint, settings, replicas, socket_dir)
+                            endpoint, settings, None, socket_dir)
+    if socket_dir is not None:
+        replicas = running.replicas = FrontendReplicas(settings, grpc_port, internal_address, metrics,
+                                                       manager.shm_wait_s)
+        try:
+            await replicas.start()
+        except OSError:
+            await running.shutdown()  # the ones that started, the port, the socket directory
+            raise
     await _load_initial_models(running)
     return running
 

@@ -42,9 +42,9 @@ class ForwardingHandler(grpc.GenericRpcHandler):
         if method in self._local:
             return self._local[method]
         if method in _UNARY_STREAM:
-            return grpc.unary_stream_rpc_method_handler(self._unary_stream(method))
+            return grpc.unary_stream_rpc_method_handler(self._streaming(self._channel.unary_stream(method)))
         if method in _STREAM_STREAM:
-            return grpc.stream_stream_rpc_method_handler(self._stream_stream(method))
+            return grpc.stream_stream_rpc_method_handler(self._streaming(self._channel.stream_stream(method)))
         return grpc.unary_unary_rpc_method_handler(self._unary(method))
 
     def _unary(self, method: str) -> Any:
@@ -58,25 +58,12 @@ class ForwardingHandler(grpc.GenericRpcHandler):
 
         return forward
 
-    def _unary_stream(self, method: str) -> Any:
-        call = self._channel.unary_stream(method)
+    def _streaming(self, call: Any) -> Any:
+        """Forward a call whose answers stream; its first argument is one request or the request stream."""
 
-        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async def forward(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             try:
                 async for response in call(request, timeout=context.time_remaining(), metadata=_metadata(context)):
-                    yield response
-            except grpc.aio.AioRpcError as err:
-                await _abort(context, err)
-
-        return forward
-
-    def _stream_stream(self, method: str) -> Any:
-        call = self._channel.stream_stream(method)
-
-        async def forward(requests: AsyncIterator[bytes],
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            try:
-                async for response in call(requests, timeout=context.time_remaining(), metadata=_metadata(context)):
                     yield response
             except grpc.aio.AioRpcError as err:
                 await _abort(context, err)

@@ -203,6 +203,10 @@ class ModelRuntime:
             item.outputs = {name: array[start:start + item.rows] for name, array in outputs.items()}
         return Execution(items, t1 - t0, t2 - t1, time.perf_counter() - t2)
 
+    def expected_seconds(self, rows: int) -> float | None:
+        """How long a batch of `rows` is expected to run (None: unknown, or it would wait for a build)."""
+        return self.registry.expected_seconds(rows) if self.registry is not None else None
+
     def register_shared(self, buf: memoryview) -> None:
         """Pin a shared-memory arena requests arrive in, where the pool is on a GPU, so that their rows go
         straight to the device (see `_upload_direct`); without it they are staged (one more copy)."""

@@ -35,6 +35,7 @@ from service.workers.runtime import Item, ModelRuntime
 
 log = logging.getLogger("trtserve.worker")
 STATS_INTERVAL_S = 0.1
+INLINE_BELOW_S = 0.0005  # batches expected to run shorter than this run on the receiving thread
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,10 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
                 last_stats = now
             conns.flush()
             until_stats = max(0.0, last_stats + STATS_INTERVAL_S - now)
-            wait = until_stats if running is not None else batcher.wait_hint(until_stats)
+            if running is None:
+                wait = batcher.wait_hint(until_stats)
+            else:  # ran inline: answer it after one look at the sockets
+                wait = 0.0 if running.future.done() else until_stats
     finally:
         engine.shutdown(wait=True)
         conns.flush()
@@ -204,10 +208,20 @@ class _Running:
 
 def _start(engine: ThreadPoolExecutor, runtime: ModelRuntime, requests: tuple[QueuedRequest, ...],
            conns: Connections) -> _Running:
-    """Hand a batch to the engine thread, which wakes the loop when it is done."""
+    """Hand a batch to the engine thread, which wakes the loop when it is done; a batch expected to take
+    under INLINE_BELOW_S runs on this thread instead (a thread hand-off costs more than receiving
+    pauses)."""
     jobs: list[_Job] = [r.payload for r in requests]
     started = time.monotonic()
     items = [Item(job.rows, job.inputs, queued_s=started - r.enqueued_at) for job, r in zip(jobs, requests)]
+    expected = runtime.expected_seconds(sum(job.rows for job in jobs))
+    if expected is not None and expected < INLINE_BELOW_S:
+        future: Future[list[Any]] = Future()
+        try:
+            future.set_result(runtime.run(items))
+        except Exception as exc:  # answered as the engine thread's failures are
+            future.set_exception(exc)
+        return _Running(jobs, items, future)
     future = engine.submit(runtime.run, items)
     future.add_done_callback(lambda _: conns.wake())
     return _Running(jobs, items, future)
