@@ -153,7 +153,7 @@ def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: 
     package of the checkout `code`."""
     rng = np.random.default_rng(0)
     args = ["--model-control-mode", "explicit", "--load-model", "convnet", "--load-model", "tiny",
-            "--frontend-processes", str(frontends)]
+            *(["--frontend-processes", str(frontends)] if frontends > 1 else [])]  # checkouts without the flag
     with start(repo, args, timeout_s=300, cwd=code) as server:
         # (a) convnet, batch-8 requests from 64 clients, dynamic batching.
         x8 = {"x": rng.standard_normal((8, 16, 32, 32), dtype=np.float32)}

@@ -69,10 +69,6 @@ class FrontendReplicas:
         self._stopping = False
         self._respawns: set[asyncio.Task[None]] = set()
 
-    @property
-    def pids(self) -> list[int]:
-        return [r.process.pid for r in self._replicas]
-
     async def start(self) -> None:
         """Start every extra frontend and wait until each serves the port."""
         await asyncio.gather(*(self._spawn(i) for i in range(1, self._settings.frontend_processes)))

@@ -246,10 +246,6 @@ class WorkerHandle:
             raise Unavailable(f"model '{self.spec.name}' is not ready")
         return await self._link.infer(inputs, output_names, timeout_s)
 
-    @property
-    def inflight(self) -> int:
-        return self._link.inflight if self._link is not None else 0
-
     def _listen(self) -> tuple[socket.socket | None, Path | None]:
         """A listening Unix socket for extra frontend processes (none when there are none)."""
         if self._socket_dir is None:
