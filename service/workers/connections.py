@@ -103,7 +103,6 @@ class Connections:
         self._waker, self._wakeup = socket.socketpair()
         self._wakeup.setblocking(False)
         self._selector.register(self._wakeup, selectors.EVENT_READ, "wake")
-        self._hello: set[socket.socket] = set()  # connected, first frame (naming the arena) not read yet
         self.opened: list[Channel] = []  # extra frontends that arrived since the caller last looked
         self.closed: list[Channel] = []  # ... and those that left
 
@@ -154,14 +153,12 @@ class Connections:
         except (BlockingIOError, InterruptedError):
             return
         sock.setblocking(False)
-        self._hello.add(sock)
-        self._selector.register(sock, selectors.EVENT_READ, "hello")
+        self._selector.register(sock, selectors.EVENT_READ, "hello")  # first frame (naming the arena) not read
 
     def _greet(self, sock: socket.socket) -> Iterator[tuple[Channel, bytes]]:
         """The first frame of an extra frontend names its arena (short: it arrives in the first read);
         requests sent right behind it may have arrived with it."""
         self._selector.unregister(sock)
-        self._hello.discard(sock)
         pending = Channel(sock, None, primary=False)
         frames = pending._read()
         try:
