@@ -292,6 +292,20 @@ def test_cancel_and_remove_drop_queued_requests():
     assert payloads(b.next_batch(0).requests) == ["b"]
 
 
+def test_draining_close_hands_out_what_was_queued_at_once_and_refuses_more():
+    """A worker told to stop runs what it accepted: no window is waited for, batches keep their limit."""
+    b, _clock = make(max_queue_delay=60.0, max_batch_size=4)
+    for payload, rows in (("a", 1), ("b", 3), ("c", 2)):
+        put(b, rows, payload)
+    assert b.close(drain=True) == [] and b.closed and b.queued_requests == 3
+    with pytest.raises(Unavailable):
+        put(b, 1, "d")
+    assert b.wait_hint(60.0) == 0.0
+    assert payloads(b.next_batch(0).requests) == ["a", "b"]  # 4 rows: the limit, without the 60 s window
+    assert payloads(b.next_batch(0).requests) == ["c"]
+    assert b.next_batch(0).requests == () and b.queued_requests == 0
+
+
 def test_close_returns_leftovers_and_wakes_waiters():
     b, clock = make(max_queue_delay=60.0)
     put(b, 1, "a")

@@ -13,6 +13,7 @@ waiting consumer re-evaluates at once.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -116,9 +117,10 @@ class DynamicBatcher:
             while True:
                 now = self._clock()
                 expired = self._pop_expired(now)
-                if self._closed:
+                if self._closed and not self._queue:
                     return Batch((), expired)
-                decision = decide(self._queue, now, self.settings)
+                # Closed but draining: nothing more will come, so no window is worth waiting for.
+                decision = decide(self._queue, math.inf if self._closed else now, self.settings)
                 if decision.flush:
                     taken = tuple(self._queue.popleft() for _ in range(decision.flush))
                     self._rows -= sum(r.rows for r in taken)
@@ -158,10 +160,15 @@ class DynamicBatcher:
         with self._cond:
             self._cond.notify_all()
 
-    def close(self) -> list[QueuedRequest]:
-        """Refuse new requests, wake waiters, and return the queued requests for the caller to fail."""
+    def close(self, drain: bool = False) -> list[QueuedRequest]:
+        """Refuse new requests and wake waiters. `drain`: the queued requests stay and `next_batch` hands
+        them out at once (the worker stopping gracefully runs what it accepted); otherwise they are
+        returned for the caller to fail."""
         with self._cond:
             self._closed = True
+            if drain:
+                self._cond.notify_all()
+                return []
             left = list(self._queue)
             self._queue.clear()
             self._rows = 0

@@ -174,7 +174,7 @@ def _dispatch(channel: Channel, frame: bytes, runtime: ModelRuntime, batcher: Dy
     elif op == protocol.PING and channel.primary:
         pongs.append(int(header["id"]))
     elif op == protocol.STOP and channel.primary:
-        batcher.close()
+        batcher.close(drain=True)  # what was accepted still runs and is answered
 
 
 def _submit(channel: Channel, header: dict[str, Any], runtime: ModelRuntime, batcher: DynamicBatcher,
