@@ -30,17 +30,18 @@ def _tiny(client: grpcclient.InferenceServerClient, value: float) -> float:
     return float(client.infer("tiny", [inp]).as_numpy("y")[0, 0])
 
 
+def _processes_holding_connections(server: ServerProcess) -> set[int]:
+    """Pids of server processes with an established connection on the gRPC port."""
+    return {pid for pid in (server.proc.pid, *server.frontend_pids().values())
+            for conn in psutil.Process(pid).net_connections(kind="tcp")
+            if conn.status == psutil.CONN_ESTABLISHED and conn.laddr.port == server.grpc_port}
+
+
 def _processes_holding_clients(server: ServerProcess, clients: list) -> set[int]:
-    """Pids of server processes holding one of `clients`' connections (any established one on the port)."""
+    """The same, once each of `clients` has its connection (they open lazily)."""
     for client in clients:
-        assert client.is_server_live()  # connections open lazily: make sure each one exists
-    pids = {server.proc.pid, *server.frontend_pids().values()}
-    holding = set()
-    for pid in pids:
-        for conn in psutil.Process(pid).net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_ESTABLISHED and conn.laddr.port == server.grpc_port:
-                holding.add(pid)
-    return holding
+        assert client.is_server_live()
+    return _processes_holding_connections(server)
 
 
 def _socket_dirs() -> set[Path]:
@@ -157,9 +158,7 @@ def test_streaming_rpcs_are_forwarded_to_the_parent_from_every_frontend(multi: S
             watch.cancel()
             services = ProtoReflectionDescriptorDatabase(channel).get_services()
             assert "inference.GRPCInferenceService" in services and "grpc.health.v1.Health" in services
-        pids = {multi.proc.pid, *multi.frontend_pids().values()}
-        holding = {pid for pid in pids for c in psutil.Process(pid).net_connections(kind="tcp")
-                   if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == multi.grpc_port}
+        holding = _processes_holding_connections(multi)
         assert len(holding) >= 2, holding
     finally:
         for channel in channels:

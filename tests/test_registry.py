@@ -858,7 +858,7 @@ def test_device_engine_runs_on_cuda_pool_buffers_with_chunks():
 def test_expected_seconds_come_from_the_engines_past_runs():
     """The worker runs short batches on its receiving thread; how long one will take is the fitted run
     time (a + b * rows) of the engine that would take it, None while unknown or while a build is needed."""
-    registry, builder, _events, clock, pool = make_timed(run_cost=(0.001, 0.0005), build_seconds=0.1)
+    registry, _builder, _events, _clock, pool = make_timed(run_cost=(0.001, 0.0005), build_seconds=0.1)
     assert registry.expected_seconds(1) == pytest.approx(0.0015)  # one run seen: its time
     assert registry.expected_seconds(2) is None  # no live engine can take 2 rows yet
     for batch in (2, 2, 1, 2, 1):  # the capacity-2 engine, then runs of 1 and 2 rows on it

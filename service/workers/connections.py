@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import selectors
 import socket
-import struct
 from collections.abc import Iterator
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -22,8 +21,6 @@ from service.workers import protocol
 from service.workers.shm import attach
 
 log = logging.getLogger("trtserve.worker")
-_LEN = struct.Struct("!i")  # multiprocessing.Connection's length prefix, which the frontends write
-_LONG = struct.Struct("!Q")
 READ_CHUNK = 1 << 16
 
 
@@ -56,23 +53,8 @@ class Channel:
             return None
         if not data:
             return None
-        inbox = self._inbox
-        inbox += data
-        frames, pos = [], 0
-        while len(inbox) - pos >= _LEN.size:
-            (n,) = _LEN.unpack_from(inbox, pos)
-            head = _LEN.size
-            if n == -1:  # frames of 2 GiB and more
-                if len(inbox) - pos < head + _LONG.size:
-                    break
-                (n,) = _LONG.unpack_from(inbox, pos + head)
-                head += _LONG.size
-            if len(inbox) - pos < head + n:
-                break
-            frames.append(bytes(inbox[pos + head:pos + head + n]))
-            pos += head + n
-        del inbox[:pos]
-        return frames
+        self._inbox += data
+        return protocol.split_framed(self._inbox)
 
     def _flush(self) -> None:
         if not self._outbox or self.closed:

@@ -75,10 +75,18 @@ class WorkerLink:
     def _fail_pending(self, err: ServeError) -> None:
         pending, self._pending = self._pending, {}
         for p in pending.values():
-            if p.abandoned:
-                self.arena.free(p.offset, p.nbytes)
-            elif not p.future.done():
-                p.future.set_exception(err)
+            self._settle(p, error=err)
+
+    def _settle(self, p: _Pending, answer: tuple[dict[str, Any], memoryview] | None = None,
+                error: ServeError | None = None) -> None:
+        """Hand a request its answer (or error); free its block instead when its caller gave up."""
+        if p.abandoned:
+            self.arena.free(p.offset, p.nbytes)
+        elif not p.future.done():
+            if error is not None:
+                p.future.set_exception(error)
+            else:
+                p.future.set_result(answer)
 
     async def _read_frames(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -92,10 +100,7 @@ class WorkerLink:
         if op != protocol.RESULT and op != protocol.ERROR:
             self._on_frame(header, payload)
         elif (p := self._pending.pop(int(header.get("id", -1)), None)) is not None:
-            if p.abandoned:
-                self.arena.free(p.offset, p.nbytes)
-            elif not p.future.done():
-                p.future.set_result((header, payload))
+            self._settle(p, answer=(header, payload))
 
     # -- requests ----------------------------------------------------------------------------
     async def infer(self, inputs: list[WireTensor], output_names: list[str],

@@ -15,6 +15,7 @@ from typing import Any
 
 _LEN = struct.Struct("<I")
 _CONN_LEN = struct.Struct("!i")  # multiprocessing.Connection's own length prefix
+_CONN_LONG = struct.Struct("!Q")  # ... after a prefix of -1, for frames of 2 GiB and more
 
 # Operation names (parent -> worker)
 INFER = "infer"
@@ -77,6 +78,26 @@ def framed(header: dict[str, Any], payload: bytes | memoryview | None = None) ->
 async def read_framed(reader: asyncio.StreamReader) -> bytes:
     """One frame written by `Connection.send_bytes` (IncompleteReadError at end of stream)."""
     (n,) = _CONN_LEN.unpack(await reader.readexactly(_CONN_LEN.size))
-    if n == -1:  # Connection's prefix for frames of 2 GiB and more
-        (n,) = struct.unpack("!Q", await reader.readexactly(8))
+    if n == -1:
+        (n,) = _CONN_LONG.unpack(await reader.readexactly(_CONN_LONG.size))
     return await reader.readexactly(n)
+
+
+def split_framed(buffer: bytearray) -> list[bytes]:
+    """The complete frames at the start of `buffer` (bytes read from a socket as they came), removed from
+    it; a frame cut off at the end stays for the next read."""
+    frames, pos = [], 0
+    while len(buffer) - pos >= _CONN_LEN.size:
+        (n,) = _CONN_LEN.unpack_from(buffer, pos)
+        head = _CONN_LEN.size
+        if n == -1:
+            if len(buffer) - pos < head + _CONN_LONG.size:
+                break
+            (n,) = _CONN_LONG.unpack_from(buffer, pos + head)
+            head += _CONN_LONG.size
+        if len(buffer) - pos < head + n:
+            break
+        frames.append(bytes(buffer[pos + head:pos + head + n]))
+        pos += head + n
+    del buffer[:pos]
+    return frames
