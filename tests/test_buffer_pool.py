@@ -21,6 +21,26 @@ def make_pool(growth="exact", allocator=None, **kwargs) -> BufferPool:
                       allocator=allocator, **kwargs)
 
 
+def test_two_input_sets_are_separate_memory_and_share_the_outputs():
+    pool = make_pool(input_sets=2, max_pool_bytes=12 * ROW_BYTES)
+    assert not pool.fits(1)
+    sides = [pool.views(4, side) for side in (0, 1)]
+    assert pool.fits(4) and not pool.fits(5)
+    sides[0].inputs["x"][:] = 1.0
+    sides[1].inputs["x"][:] = 2.0
+    assert (sides[0].inputs["x"] == 1.0).all(), "filling one side's inputs must not touch the other's"
+    assert sides[0].outputs["y"].ctypes.data == sides[1].outputs["y"].ctypes.data
+    x_bytes = ROW_BYTES // 2
+    assert pool.bytes_by_memory()["host"] == 4 * (2 * x_bytes + x_bytes)  # two x sets, one y set
+    with pytest.raises(ResourceExhausted):  # 9 rows need 9 * 3 half-rows: over the 12-row cap of x and y
+        pool.views(9, side=1)
+    assert pool.views(8, side=1).inputs["x"].shape == (8, 1024) and pool.fits(8)
+    with pytest.raises(ValueError, match="side"):
+        pool.views(1, side=2)
+    with pytest.raises(ValueError, match="input_sets"):
+        make_pool(input_sets=3)
+
+
 @pytest.mark.parametrize("growth,batches,rows", [
     ("exact", [1, 2, 3, 5, 9, 4, 0], [1, 2, 3, 5, 9, 9, 9]),
     ("geometric", [1, 2, 3, 5, 9, 4, 0], [1, 2, 4, 8, 16, 16, 16]),

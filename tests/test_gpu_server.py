@@ -82,17 +82,18 @@ def test_cuda_pool_bytes_match_device_memory(tmp_path):
             np.testing.assert_allclose(y, x + c, rtol=1e-6)
 
         device = 'trtserve_buffer_pool_bytes{memory="device",model="big"}'
+        per_row = 3 * ROW * 4  # a GPU pool: two input sets (x) and one output set (y)
         infer(1)
-        _wait_metric(server.metrics_port, device, 2 * ROW * 4)
+        _wait_metric(server.metrics_port, device, per_row)
         used_before = _device_used()
         infer(32)
-        _wait_metric(server.metrics_port, device, 32 * 2 * ROW * 4)
+        _wait_metric(server.metrics_port, device, 32 * per_row)
         grown = _device_used() - used_before
-        expected = 31 * 2 * ROW * 4  # 62 MiB more device buffers; the one engine stays
+        expected = 31 * per_row  # 93 MiB more device buffers; the one engine stays
         assert abs(grown - expected) <= 4 << 20, (grown, expected)
         assert _metric(server.metrics_port, 'trtserve_buffer_pool_bytes{memory="pinned",model="big"}') >= expected
         infer(3)  # smaller batches are views: nothing grows
-        assert _metric(server.metrics_port, device) == 32 * 2 * ROW * 4
+        assert _metric(server.metrics_port, device) == 32 * per_row
 
 
 def test_inputs_in_pinned_shared_memory_go_straight_to_the_device(tmp_path):
@@ -111,7 +112,7 @@ def test_inputs_in_pinned_shared_memory_go_straight_to_the_device(tmp_path):
     xs = np.ndarray((4, ROW), np.float32, buffer=shm.buf)
     try:
         xs[:] = np.random.default_rng(4).standard_normal((4, ROW), dtype=np.float32)
-        staging = runtime.pool.views(4).inputs["x"]
+        staging = [runtime.pool.views(4, side).inputs["x"] for side in (0, 1)]  # batches alternate sides
 
         def run(x: np.ndarray) -> np.ndarray:
             items = [Item(1, {"x": x[0:1]}), Item(3, {"x": x[1:4]})]
@@ -119,14 +120,49 @@ def test_inputs_in_pinned_shared_memory_go_straight_to_the_device(tmp_path):
             return np.concatenate([items[0].outputs["y"], items[1].outputs["y"]])
 
         runtime.register_shared(shm.buf)
-        staging[:] = np.nan
-        np.testing.assert_allclose(run(xs), xs + c, rtol=1e-6)
-        assert np.isnan(staging).all()  # never written: the rows went from shared memory to the device
+        for side in staging:
+            side[:] = np.nan
+        for _ in staging:  # one batch on each side
+            np.testing.assert_allclose(run(xs), xs + c, rtol=1e-6)
+        assert all(np.isnan(side).all() for side in staging)  # never written: rows went straight to the device
         runtime.unregister_shared(shm.buf)
-        np.testing.assert_allclose(run(xs), xs + c, rtol=1e-6)
-        np.testing.assert_array_equal(staging, xs)  # unpinned: staged through the pool, as before
+        for side in staging:
+            np.testing.assert_allclose(run(xs), xs + c, rtol=1e-6)
+            np.testing.assert_array_equal(side, xs)  # unpinned: staged through the pool, as before
     finally:
         del xs, staging
         runtime.close()
         shm.close()
         shm.unlink()
+
+
+def test_a_batch_prepared_while_another_waits_to_run_leaves_its_inputs_alone(tmp_path):
+    """The worker prepares the next batch (rows uploaded to the pool's second input set) before the
+    current one has run: both must come out right."""
+    _needs_cuda()
+    from service.metrics import WorkerStats
+    from service.repository import ModelRepository
+    from service.workers.runtime import Item, ModelRuntime
+    from service.workers.worker import WorkerOptions
+
+    repo, c = _repo(tmp_path)
+    runtime = ModelRuntime(ModelRepository(repo).load_spec("big"), WorkerOptions(), WorkerStats())
+    try:
+        assert not runtime.can_overlap()  # the pool must grow to the largest batch first
+        runtime.run([Item(32, {"x": np.zeros((32, ROW), np.float32)})])  # the pool holds the largest batch
+        assert runtime.can_overlap()
+        rng = np.random.default_rng(6)
+        xs = [rng.standard_normal((5, ROW), dtype=np.float32) for _ in range(3)]
+        first = runtime.prepare([Item(2, {"x": xs[0][:2]}), Item(3, {"x": xs[0][2:]})])
+        second = runtime.prepare([Item(5, {"x": xs[1]})])
+        assert {first.side, second.side} == {0, 1}
+        for prepared, x in ((first, xs[0]), (second, xs[1])):
+            runtime.execute(prepared)
+            got = np.concatenate([item.outputs["y"] for item in prepared.items])
+            np.testing.assert_allclose(got, x + c, rtol=1e-6)
+        third = runtime.prepare([Item(5, {"x": xs[2]})])  # back on the first side
+        assert third.side == first.side
+        runtime.execute(third)
+        np.testing.assert_allclose(third.items[0].outputs["y"], xs[2] + c, rtol=1e-6)
+    finally:
+        runtime.close()

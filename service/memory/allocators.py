@@ -180,12 +180,14 @@ class CudaAllocator:
             return
         rt = self._rt
         self._check(rt.cudaHostRegister(ptr, array.nbytes, rt.cudaHostRegisterDefault), "cudaHostRegister")
-        self._registered[ptr] = ptr + array.nbytes
+        # Replaced, not changed in place: the engine thread reads it (is_registered) meanwhile.
+        self._registered = {**self._registered, ptr: ptr + array.nbytes}
 
     def unregister_host(self, view: memoryview) -> None:
         """Undo `register_host` (after `sync`: no copy from the range may still be queued)."""
         ptr = np.frombuffer(view, np.uint8).ctypes.data
-        if self._registered.pop(ptr, None) is not None:
+        if ptr in self._registered:
+            self._registered = {start: end for start, end in self._registered.items() if start != ptr}
             self._rt.cudaHostUnregister(ptr)
 
     def is_registered(self, ptr: int, nbytes: int) -> bool:
@@ -203,9 +205,9 @@ class CudaAllocator:
         """Wait for the stream and destroy it if this allocator created it; unpin registered ranges."""
         if self.stream is not None:
             self.sync()
-            for ptr in list(self._registered):
+            for ptr in self._registered:
                 self._rt.cudaHostUnregister(ptr)
-            self._registered.clear()
+            self._registered = {}
             if self._own_stream:
                 self._rt.cudaStreamDestroy(self.stream)
             self.stream = None

@@ -11,6 +11,11 @@ them to `BufferSet.inputs`) and gets such outputs from the engine (the registry 
 
 A `BufferSet` is valid until the next `views` call that grows the pool (growth frees the old buffers
 once the allocator's stream is idle): take one per executed batch, use it, drop it.
+
+With `input_sets=2` the pool holds two sets of input buffers (outputs stay one set): `views(rows, side)`
+fills one side's inputs while an engine still reads the other's, so a worker can upload the next batch
+while the current one runs (GPU pools: the device would otherwise wait for the upload). Both sides grow
+together; growing needs no batch running on either (`fits` says whether a batch would grow it).
 """
 
 from __future__ import annotations
@@ -123,13 +128,17 @@ class BufferSet:
 
 class BufferPool:
     """The growable per-model pool. `growth`: "exact" (rows = the batch) or "geometric" (at least
-    twice the old rows, capped at `max_rows` and by `max_pool_bytes`). Thread-safe."""
+    twice the old rows, capped at `max_rows` and by `max_pool_bytes`). `input_sets`: 1, or 2 for
+    uploading one batch while another runs (module docstring). Thread-safe."""
 
     def __init__(self, inputs: Sequence[PoolTensor], outputs: Sequence[PoolTensor], *,
                  growth: str = "geometric", max_pool_bytes: int | None = None,
-                 max_rows: int | None = None, allocator: Allocator | None = None, model: str = "") -> None:
+                 max_rows: int | None = None, allocator: Allocator | None = None, model: str = "",
+                 input_sets: int = 1) -> None:
         if growth not in ("geometric", "exact"):
             raise ValueError(f"growth must be geometric or exact, got {growth!r}")
+        if input_sets not in (1, 2):
+            raise ValueError(f"input_sets must be 1 or 2, got {input_sets}")
         names = [t.name for t in (*inputs, *outputs)]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate tensor names in {names}")
@@ -137,12 +146,14 @@ class BufferPool:
         self.growth, self.max_pool_bytes, self.max_rows = growth, max_pool_bytes, max_rows
         self.allocator: Allocator = allocator if allocator is not None else HostAllocator()
         self.model = model
+        self.input_sets = input_sets
         self._lock = threading.Lock()
         self._rows = 0
-        self._buffers: dict[str, Buffer] = {}
+        # (tensor name, side) -> buffer; outputs are all side 0
+        self._buffers: dict[tuple[str, int], Buffer] = {}
         self._grows = 0
-        # rows -> the views `_view` made for them: the same until the buffers change (grow, close)
-        self._cached: dict[int, BufferSet] = {}
+        # (rows, side) -> the views `_view` made for them: the same until the buffers change (grow, close)
+        self._cached: dict[tuple[int, int], BufferSet] = {}
 
     @property
     def capacity_rows(self) -> int:
@@ -154,8 +165,15 @@ class BufferPool:
 
     def bytes_for(self, rows: int) -> int:
         """Bytes the pool would hold, over all memory kinds, at `rows` rows."""
-        return sum(sum(self.allocator.footprint(rows * t.row_bytes).values())
-                   for t in (*self.inputs, *self.outputs))
+        return sum(sum(self.allocator.footprint(rows * t.row_bytes).values()) for t, _ in self._bindings())
+
+    def fits(self, batch: int) -> bool:
+        """Whether `views(batch)` is served without growing the pool."""
+        return batch <= self._rows
+
+    def _bindings(self) -> list[tuple[PoolTensor, int]]:
+        """Every (tensor, side) the pool holds a buffer for."""
+        return [(t, side) for t in self.inputs for side in range(self.input_sets)] + [(t, 0) for t in self.outputs]
 
     def bytes_by_memory(self) -> dict[str, int]:
         """Bytes allocated now, by memory kind (host, pinned, device); always all three keys."""
@@ -166,19 +184,22 @@ class BufferPool:
                     held[kind] += n
             return held
 
-    def views(self, batch: int) -> BufferSet:
-        """Views of `batch` rows of every pooled binding, growing the pool first if it is smaller.
-        ResourceExhausted when `max_pool_bytes` cannot hold the batch (the pool is left as it was)."""
+    def views(self, batch: int, side: int = 0) -> BufferSet:
+        """Views of `batch` rows of every pooled binding (inputs of set `side`), growing the pool first
+        if it is smaller. ResourceExhausted when `max_pool_bytes` cannot hold the batch (the pool is
+        left as it was)."""
         if batch < 0:
             raise ValueError(f"batch must be >= 0, got {batch}")
+        if not 0 <= side < self.input_sets:
+            raise ValueError(f"side must be in 0..{self.input_sets - 1}, got {side}")
         with self._lock:
             if batch > self._rows:
                 self._grow(batch)
-            views = self._cached.get(batch)
+            views = self._cached.get((batch, side))
             if views is None:
-                views = self._view(batch)
+                views = self._view(batch, side)
                 if self._buffers:  # batch 0 of an empty pool gets fresh arrays each time
-                    self._cached[batch] = views
+                    self._cached[(batch, side)] = views
         # Fresh dicts around the same views: callers add their unpooled inputs to them.
         return BufferSet(batch, dict(views.inputs), dict(views.outputs), dict(views.device_inputs),
                          dict(views.device_outputs), views._allocator, views._in, views._out)
@@ -202,10 +223,10 @@ class BufferPool:
                 mid = (lo + hi) // 2
                 lo, hi = (mid, hi) if self.bytes_for(mid) <= cap else (lo, mid)
             target = lo
-        new: dict[str, Buffer] = {}
+        new: dict[tuple[str, int], Buffer] = {}
         try:
-            for t in (*self.inputs, *self.outputs):
-                new[t.name] = self.allocator.allocate(target * t.row_bytes)
+            for t, side in self._bindings():
+                new[(t.name, side)] = self.allocator.allocate(target * t.row_bytes)
         except BaseException:
             for buf in new.values():
                 self.allocator.free(buf)
@@ -218,16 +239,16 @@ class BufferPool:
             for buf in old.values():
                 self.allocator.free(buf)
 
-    def _view(self, rows: int) -> BufferSet:
+    def _view(self, rows: int, side: int) -> BufferSet:
         alloc = self.allocator if self.allocator.device_id is not None else None
         sets: list[tuple[dict[str, np.ndarray], dict[str, DeviceView], list[tuple[str, Buffer, int]]]] = []
-        for tensors in (self.inputs, self.outputs):
+        for tensors, key_side in ((self.inputs, side), (self.outputs, 0)):
             host: dict[str, np.ndarray] = {}
             device: dict[str, DeviceView] = {}
             copies: list[tuple[str, Buffer, int]] = []
             for t in tensors:
                 shape = (rows, *t.shape)
-                buf = self._buffers.get(t.name)
+                buf = self._buffers.get((t.name, key_side))
                 if buf is None:  # nothing allocated yet: only batch 0 gets here
                     host[t.name] = np.empty(shape, t.dtype)
                     continue

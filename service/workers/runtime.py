@@ -1,8 +1,12 @@
 """What a worker runs batches on: the model's engine registry and buffer pool.
 
-A batch of requests is gathered row-wise straight into the pool's input buffers, executed by the
-registry (which picks, builds and reuses engines by capacity), and each request's rows are read
-back out of the pool's output buffers. Models without a batch dimension bypass registry and pool.
+A batch of requests is gathered row-wise straight into the pool's input buffers (`prepare`), executed
+by the registry (`execute`: it picks, builds and reuses engines by capacity), and each request's rows are
+read back out of the pool's output buffers. Models without a batch dimension bypass registry and pool.
+
+A GPU pool holds two sets of input buffers, so the worker can prepare the next batch (queue its uploads)
+while the engine runs the current one on the other set (`can_overlap`); the device then goes from one
+batch to the next without waiting for the Python that gathers a batch.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from service.engines.policy import from_config
 from service.engines.registry import EngineRegistry
 from service.errors import ConfigError, InternalError, ResourceExhausted, ServeError
 from service.memory.allocators import HostAllocator
-from service.memory.pool import BufferPool, split_poolable
+from service.memory.pool import BufferPool, BufferSet, split_poolable
 from service.metrics import WorkerStats
 from service.repository import ModelSpec
 
@@ -40,6 +44,17 @@ class Item:
     queued_s: float = 0.0
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     error: ServeError | None = None
+
+
+@dataclass
+class Prepared:
+    """A batch `prepare` gathered into the pool (input set `side`), for `execute` on any thread. `bufs`
+    is None when the items run one by one: no batch dimension, or the merged batch is over the pool cap."""
+
+    items: list[Item]
+    bufs: BufferSet | None = None
+    side: int = 0
+    input_s: float = 0.0
 
 
 @dataclass
@@ -67,6 +82,7 @@ class ModelRuntime:
         self._engine: Engine | None = None
         self.pool: BufferPool | None = None
         self.registry: EngineRegistry | None = None
+        self._request_s: float | None = None  # without a batch dimension: recent seconds per request
         if spec.max_batch_size == 0:
             self._engine = self._builder.build(1)
             return
@@ -76,7 +92,9 @@ class ModelRuntime:
         pooled_out, _ = split_poolable(spec.outputs)
         self.pool = BufferPool(pooled_in, pooled_out, growth=policy.pool_growth,
                                max_pool_bytes=policy.max_pool_bytes, max_rows=spec.max_batch_size,
-                               allocator=self._allocator, model=spec.name)
+                               allocator=self._allocator, model=spec.name,
+                               input_sets=2 if spec.use_gpu else 1)
+        self._side = 0  # the input set the next batch is prepared in
         cache = PlanCache(options.engine_cache_dir, self._on_event) if options.engine_cache_dir else None
         self.registry = EngineRegistry(self._builder, policy, spec.max_batch_size, cache, self._on_event,
                                        prime=self._prime)
@@ -89,7 +107,7 @@ class ModelRuntime:
     def _first_engine(self) -> None:
         """Build the first engine (capacity for one row) and run one zero row through it, so a model that
         cannot run here fails to load instead of failing its first request."""
-        self._run_batch([Item(1, self._zeros(1))])
+        self._run_batch(self._gather([Item(1, self._zeros(1))], side=0))
 
     def _zeros(self, rows: int) -> dict[str, np.ndarray]:
         """Inputs of `rows` rows of zeros (empty strings for BYTES; variable dims as 1)."""
@@ -153,34 +171,57 @@ class ModelRuntime:
     def run(self, items: list[Item]) -> list[Execution]:
         """Execute the items, as one batch where possible; sets each item's outputs, or its error.
         Returns the executions that ran (for statistics)."""
-        if self.registry is None:  # no batch dimension: one request per execution
-            done = []
-            for item in items:
-                t0 = time.perf_counter()
-                item.outputs = self._engine.run(item.inputs)
-                done.append(Execution([item], infer_s=time.perf_counter() - t0))
-            return done
+        return self.execute(self.prepare(items))
+
+    def can_overlap(self) -> bool:
+        """Whether a batch may be prepared while another one runs: there is a second input set and the
+        pool holds the largest batch (growing frees the buffers the running batch uses)."""
+        if self.registry is None:
+            return True  # no pool: nothing is shared between batches
+        return self.pool.input_sets == 2 and self.pool.fits(self.spec.max_batch_size)
+
+    def prepare(self, items: list[Item]) -> Prepared:
+        """Gather the items' rows into the next input set (on a GPU: the uploads are queued on the
+        pool's stream, ahead of the run). ResourceExhausted when one request alone is over the pool cap."""
+        if self.registry is None:
+            return Prepared(items)
+        side, self._side = self._side, (self._side + 1) % self.pool.input_sets
         try:
-            return [self._run_batch(items)]
+            return self._gather(items, side)
         except ResourceExhausted:
             if len(items) == 1:
                 raise
-        # The merged batch is over the pool cap: each request alone may still fit. Its outputs are
-        # copied out of the pool, which the next request's run reuses.
+            return Prepared(items, side=side)  # the merged batch is over the pool cap: one by one
+
+    def execute(self, prepared: Prepared) -> list[Execution]:
+        """Run a prepared batch; sets each item's outputs (views of the pool until the next batch), or
+        its error. Returns the executions that ran."""
+        if self.registry is None:  # no batch dimension: one request per execution
+            done = []
+            for item in prepared.items:
+                t0 = time.perf_counter()
+                item.outputs = self._engine.run(item.inputs)
+                seconds = time.perf_counter() - t0
+                done.append(Execution([item], infer_s=seconds))
+                self._request_s = seconds if self._request_s is None else 0.8 * self._request_s + 0.2 * seconds
+            return done
+        if prepared.bufs is not None:
+            return [self._run_batch(prepared)]
+        # Each request alone may still fit the cap. Its outputs are copied out of the pool, which the
+        # next request's run reuses.
         done = []
-        for item in items:
+        for item in prepared.items:
             try:
-                done.append(self._run_batch([item]))
+                done.append(self._run_batch(self._gather([item], prepared.side)))
                 item.outputs = {name: array.copy() for name, array in item.outputs.items()}
             except ServeError as exc:
                 item.error = exc
         return done
 
-    def _run_batch(self, items: list[Item]) -> Execution:
-        """Gather the items' rows into the pool, execute, and point each item at its output rows."""
+    def _gather(self, items: list[Item], side: int) -> Prepared:
+        """Views of input set `side` for the items' rows, filled with them."""
         t0 = time.perf_counter()
-        rows = sum(i.rows for i in items)
-        bufs = self._views(rows)
+        bufs = self._views(sum(i.rows for i in items), side)
         starts = np.cumsum([0] + [i.rows for i in items])
         for t in self.spec.inputs:
             if t.name in bufs.inputs and self._upload_direct(t.name, bufs, items, starts):
@@ -191,6 +232,12 @@ class ModelRuntime:
                     view[start:start + item.rows] = item.inputs[t.name]
             else:
                 bufs.inputs[t.name] = np.concatenate([i.inputs[t.name] for i in items])
+        return Prepared(items, bufs, side, time.perf_counter() - t0)
+
+    def _run_batch(self, prepared: Prepared) -> Execution:
+        """Execute a gathered batch and point each item at its output rows."""
+        items, bufs = prepared.items, prepared.bufs
+        rows = sum(i.rows for i in items)
         t1 = time.perf_counter()
         extra = self.registry.execute(rows, bufs)
         t2 = time.perf_counter()
@@ -199,13 +246,16 @@ class ModelRuntime:
             if array.shape[0] != rows:
                 raise InternalError(f"model '{self.spec.name}' returned {array.shape[0]} rows for output "
                                     f"'{name}' but the batch had {rows}")
-        for item, start in zip(items, starts):
+        start = 0
+        for item in items:
             item.outputs = {name: array[start:start + item.rows] for name, array in outputs.items()}
-        return Execution(items, t1 - t0, t2 - t1, time.perf_counter() - t2)
+            start += item.rows
+        return Execution(items, prepared.input_s, t2 - t1, time.perf_counter() - t2)
 
     def expected_seconds(self, rows: int) -> float | None:
-        """How long a batch of `rows` is expected to run (None: unknown, or it would wait for a build)."""
-        return self.registry.expected_seconds(rows) if self.registry is not None else None
+        """How long a batch of `rows` is expected to run (None: unknown, or it would wait for a build).
+        Without a batch dimension: one request, from the recent ones."""
+        return self.registry.expected_seconds(rows) if self.registry is not None else self._request_s
 
     def register_shared(self, buf: memoryview) -> None:
         """Pin a shared-memory arena requests arrive in, where the pool is on a GPU, so that their rows go
@@ -223,7 +273,7 @@ class ModelRuntime:
             self._allocator.sync()
             self._allocator.unregister_host(buf)
 
-    def _upload_direct(self, name: str, bufs: Any, items: list[Item], starts: Any) -> bool:
+    def _upload_direct(self, name: str, bufs: BufferSet, items: list[Item], starts: Any) -> bool:
         """Queue each request's rows of input `name` from pinned shared memory straight into the device
         buffer (the engine runs on the same stream, after the copies). False, changing nothing, unless
         the pool is on a GPU and every request's array is contiguous, of the pool's dtype, and pinned."""
@@ -240,16 +290,16 @@ class ModelRuntime:
         bufs.uploaded.add(name)
         return True
 
-    def _views(self, rows: int) -> Any:
+    def _views(self, rows: int, side: int) -> BufferSet:
         """Pool views for a batch of `rows`: as many rows as the engine runs it at (padding engines run
         their capacity), or just `rows` when the pool cap leaves no room for the spare rows."""
         padded = self.registry.rows_for(rows) if self._can_pad else rows
         if padded > rows:
             try:
-                return self.pool.views(padded)
+                return self.pool.views(padded, side)
             except ResourceExhausted:
                 pass
-        return self.pool.views(rows)
+        return self.pool.views(rows, side)
 
     def empty_outputs(self) -> dict[str, np.ndarray]:
         """Outputs of a 0-row request: nothing is built or run."""

@@ -1,8 +1,8 @@
 """The model worker process: receives requests from the frontends, batches and runs them, answers.
 
-One thread does it all (`_serve`): it receives frames from every frontend connection, queues requests
-in the dynamic batcher, runs the batches that are due and answers, heartbeats included, so a stuck
-compute loop shows as missing heartbeats. The parent's pipe is the primary connection (control,
+One thread (`_serve`) receives frames from every frontend connection, queues requests in the dynamic
+batcher, hands due batches to the engine thread (short ones it runs itself) and answers, heartbeats
+included, so a stuck batch shows as missing heartbeats. The parent's pipe is the primary connection (control,
 heartbeats, stats); extra frontend processes connect through the listening socket the parent gave,
 each naming its own shared-memory arena first. When the parent dies its pipe closes and the worker
 exits: no orphans.
@@ -14,8 +14,11 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -31,11 +34,12 @@ from service.metrics import WorkerStats
 from service.repository import ModelSpec
 from service.workers import protocol
 from service.workers.connections import Channel, Connections
-from service.workers.runtime import Item, ModelRuntime
+from service.workers.runtime import Item, ModelRuntime, Prepared
 
 log = logging.getLogger("trtserve.worker")
 STATS_INTERVAL_S = 0.1
 INLINE_BELOW_S = 0.0005  # batches expected to run shorter than this run on the receiving thread
+PIPELINE_DEPTH = 2  # batches the engine thread holds: the one it runs and the full one after it
 
 
 @dataclass(frozen=True)
@@ -99,39 +103,42 @@ def main(spec: ModelSpec, options: WorkerOptions, conn: Connection, arena_name: 
 
 def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, stats: WorkerStats) -> None:
     """The worker's loop: receive requests (also while a batch runs: a full queue is refused at once, a
-    cancelled request leaves the queue), hand due batches to the engine thread one at a time, answer a
-    batch while the next one runs, report. Pings are answered between batches, so a stuck batch shows
-    as missing heartbeats."""
+    cancelled request leaves the queue), hand due batches to the engine thread, answer each batch while
+    the next one runs, report. While the engine thread runs a batch, a full batch already waiting is
+    handed to it too (`PIPELINE_DEPTH`), so it starts the moment the last one ends instead of after a
+    round trip through this loop. Pings are answered when a batch finished or nothing runs, so a stuck
+    batch shows as missing heartbeats."""
     engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-    running: _Running | None = None
+    running: deque[_Running] = deque()  # oldest first; the engine thread runs them in this order
     pongs: list[int] = []
     last_stats, wait = 0.0, 0.0
     batched = runtime.spec.max_batch_size > 0
     try:
         while True:
             for channel, frame in conns.receive(wait):
-                _dispatch(channel, frame, runtime, batcher, batched, pongs)
-            finished = None
-            if running is not None and running.future.done():
-                finished, running = running, None
-                _detach_outputs(finished)
-            if running is None:
+                _dispatch(channel, frame, runtime, batcher, running, batched, pongs)
+            finished: list[_Running] = []
+            while running and running[0].future.done():
+                finished.append(running.popleft())
+            if finished or not running:
                 for pong in pongs:
                     conns.primary.send({"op": protocol.PONG, "id": pong})
                 pongs.clear()
-                _pin(runtime, conns)
+            _pin(runtime, conns, idle=not running)
+            if not running:
                 if batcher.closed and not batcher.queued_requests:
-                    if finished is not None:
-                        _finish(finished, runtime.spec, stats)
+                    for done in finished:
+                        _finish(done, runtime.spec, stats)
                     break
+            if _may_start(running, batcher, runtime):
                 batch = batcher.next_batch(timeout=0)
                 for req in batch.expired:
                     req.payload.channel.error(req.payload.id,
                                               DeadlineExceeded("deadline passed while the request was queued"))
                 if batch.requests:
-                    running = _start(engine, runtime, batch.requests, conns)
-            if finished is not None:  # answered while the engine runs the next batch
-                _finish(finished, runtime.spec, stats)
+                    running.append(_start(engine, runtime, batch.requests, conns, inline_ok=not running))
+            for done in finished:  # answered while the engine runs the next batch
+                _finish(done, runtime.spec, stats)
             now = time.monotonic()
             if now - last_stats >= STATS_INTERVAL_S:
                 runtime.refresh_gauges()
@@ -140,28 +147,47 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
                 last_stats = now
             conns.flush()
             until_stats = max(0.0, last_stats + STATS_INTERVAL_S - now)
-            if running is None:
+            if not running:
                 wait = batcher.wait_hint(until_stats)
-            else:  # ran inline: answer it after one look at the sockets
-                wait = 0.0 if running.future.done() else until_stats
+            else:  # one ran inline: answer it after one look at the sockets
+                wait = 0.0 if running[0].future.done() else until_stats
     finally:
         engine.shutdown(wait=True)
         conns.flush()
 
 
-def _pin(runtime: ModelRuntime, conns: Connections) -> None:
-    """Pin the arenas of frontends that connected, unpin those of frontends that left (between batches:
-    no copy from them can be in flight)."""
+def _may_start(running: deque[_Running], batcher: DynamicBatcher, runtime: ModelRuntime) -> bool:
+    """Whether to take a batch now: when nothing runs, or when the engine thread runs fewer than
+    PIPELINE_DEPTH batches, the next batch cannot grow by waiting (a full one is queued, or the model runs
+    requests one by one), the runtime can prepare it meanwhile (`can_overlap`), and it is expected to be
+    long (a short one runs inline as soon as nothing else runs: cheaper than a hand-off)."""
+    if not running:
+        return True
+    if len(running) >= PIPELINE_DEPTH or any(r.inline for r in running):
+        return False
+    settings = batcher.settings
+    if settings.batching and batcher.queued_rows < settings.max_batch_size:
+        return False
+    if not settings.batching and not batcher.queued_requests:
+        return False
+    expected = runtime.expected_seconds(max(settings.max_batch_size, 1))
+    return expected is not None and expected >= INLINE_BELOW_S and runtime.can_overlap()
+
+
+def _pin(runtime: ModelRuntime, conns: Connections, idle: bool) -> None:
+    """Pin the arenas of frontends that connected; unpin those of frontends that left only when `idle`
+    (no batch runs, so no copy from them can be in flight)."""
     for channel in conns.opened:
         runtime.register_shared(channel.buf)
     conns.opened.clear()
-    for channel in conns.closed:
-        runtime.unregister_shared(channel.buf)
-    conns.closed.clear()
+    if idle:
+        for channel in conns.closed:
+            runtime.unregister_shared(channel.buf)
+        conns.closed.clear()
 
 
 def _dispatch(channel: Channel, frame: bytes, runtime: ModelRuntime, batcher: DynamicBatcher,
-              batched: bool, pongs: list[int]) -> None:
+              running: deque[_Running], batched: bool, pongs: list[int]) -> None:
     """One frame from a frontend: a request to queue, a cancellation, or (from the parent) a ping or the stop."""
     header, _ = protocol.decode(frame)
     op = header.get("op")
@@ -171,6 +197,8 @@ def _dispatch(channel: Channel, frame: bytes, runtime: ModelRuntime, batcher: Dy
         request_id = int(header["id"])
         for req in batcher.cancel(lambda r: r.payload.id == request_id and r.payload.channel is channel):
             channel.error(req.payload.id, Cancelled("request cancelled while queued"))
+        for batch in running:  # or handed to the engine thread, not started yet
+            batch.cancel(lambda job: job.id == request_id and job.channel is channel)
     elif op == protocol.PING and channel.primary:
         pongs.append(int(header["id"]))
     elif op == protocol.STOP and channel.primary:
@@ -199,42 +227,75 @@ def _submit(channel: Channel, header: dict[str, Any], runtime: ModelRuntime, bat
 
 @dataclass
 class _Running:
-    """The batch the engine thread is running."""
+    """A batch handed to the engine thread (or run inline on this one: `inline`). Until the engine thread
+    starts it, its requests can still be cancelled (`cancel`) and expire (`deadlines`)."""
 
     jobs: list[_Job]
     items: list[Item]
-    future: Future[list[Any]]
+    deadlines: list[float | None]
+    future: Future[list[Any]] = field(default_factory=Future)
+    inline: bool = False
+    started: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def cancel(self, match: Callable[[_Job], bool]) -> None:
+        """Fail the matching requests as cancelled, unless the batch started (they are answered with it)."""
+        with self.lock:
+            if not self.started:
+                for job, item in zip(self.jobs, self.items):
+                    if match(job):
+                        item.error = Cancelled("request cancelled while queued")
+
+    def take(self) -> list[Item]:
+        """On the engine thread, as the batch starts: the items still wanted (expired ones fail now)."""
+        with self.lock:
+            self.started = True
+        now = time.monotonic()
+        for item, deadline in zip(self.items, self.deadlines):
+            if item.error is None and deadline is not None and deadline <= now:
+                item.error = DeadlineExceeded("deadline passed while the request was queued")
+        return [item for item in self.items if item.error is None]
 
 
 def _start(engine: ThreadPoolExecutor, runtime: ModelRuntime, requests: tuple[QueuedRequest, ...],
-           conns: Connections) -> _Running:
-    """Hand a batch to the engine thread, which wakes the loop when it is done; a batch expected to take
-    under INLINE_BELOW_S runs on this thread instead (a thread hand-off costs more than receiving
-    pauses)."""
+           conns: Connections, inline_ok: bool) -> _Running:
+    """Gather a batch into the pool here and hand it to the engine thread, which wakes the loop when it
+    is done. With `inline_ok` (nothing else runs), a batch expected to take under INLINE_BELOW_S runs on
+    this thread instead (a thread hand-off costs more than receiving pauses)."""
     jobs: list[_Job] = [r.payload for r in requests]
     started = time.monotonic()
     items = [Item(job.rows, job.inputs, queued_s=started - r.enqueued_at) for job, r in zip(jobs, requests)]
-    expected = runtime.expected_seconds(sum(job.rows for job in jobs))
-    if expected is not None and expected < INLINE_BELOW_S:
-        future: Future[list[Any]] = Future()
-        try:
-            future.set_result(runtime.run(items))
-        except Exception as exc:  # answered as the engine thread's failures are
-            future.set_exception(exc)
-        return _Running(jobs, items, future)
-    future = engine.submit(runtime.run, items)
-    future.add_done_callback(lambda _: conns.wake())
-    return _Running(jobs, items, future)
+    batch = _Running(jobs, items, [r.deadline for r in requests])
+    try:
+        prepared = runtime.prepare(items)
+        expected = runtime.expected_seconds(sum(job.rows for job in jobs)) if inline_ok else None
+        if expected is not None and expected < INLINE_BELOW_S:
+            batch.inline = True  # nothing can cancel or expire it between here and the run
+            batch.future.set_result(_execute(runtime, prepared))
+            return batch
+    except Exception as exc:  # answered as the engine thread's failures are
+        batch.inline = True
+        batch.future.set_exception(exc)
+        return batch
+    batch.future = engine.submit(_run_when_wanted, runtime, batch, prepared)
+    batch.future.add_done_callback(lambda _: conns.wake())
+    return batch
 
 
-def _detach_outputs(running: _Running) -> None:
-    """Copy a finished batch's outputs out of the pool (they are views of it) so that the next batch
-    can run before this one is answered."""
-    if running.future.exception() is not None:
-        return
-    for item in running.items:
+def _run_when_wanted(runtime: ModelRuntime, batch: _Running, prepared: Prepared) -> list[Any]:
+    """On the engine thread: run the batch unless every request was cancelled or expired before it
+    started (otherwise their rows run with it, being in the pool, and they are answered with their error)."""
+    return _execute(runtime, prepared) if batch.take() else []
+
+
+def _execute(runtime: ModelRuntime, prepared: Prepared) -> list[Any]:
+    """Run a prepared batch and copy its outputs out of the pool (they are views of it), so that the
+    next batch can run before this one is answered."""
+    executions = runtime.execute(prepared)
+    for item in prepared.items:
         item.outputs = {name: array.copy() if array.base is not None else array
                         for name, array in item.outputs.items()}
+    return executions
 
 
 def _finish(running: _Running, spec: ModelSpec, stats: WorkerStats) -> None:
@@ -242,14 +303,12 @@ def _finish(running: _Running, spec: ModelSpec, stats: WorkerStats) -> None:
     jobs, items = running.jobs, running.items
     try:
         executions = running.future.result()
-    except ServeError as exc:
-        for job in jobs:
-            job.channel.error(job.id, exc)
-        return
     except Exception as exc:  # an engine failure fails this batch, not the worker
-        log.error("batch of %d requests failed", len(jobs), exc_info=exc)
-        for job in jobs:
-            job.channel.error(job.id, InternalError(f"inference failed: {type(exc).__name__}: {exc}"))
+        if not isinstance(exc, ServeError):
+            log.error("batch of %d requests failed", len(jobs), exc_info=exc)
+            exc = InternalError(f"inference failed: {type(exc).__name__}: {exc}")
+        for job, item in zip(jobs, items):  # cancelled or expired before the start: said so
+            job.channel.error(job.id, item.error or exc)
         return
     t0 = time.perf_counter()
     for job, item in zip(jobs, items):
