@@ -91,10 +91,13 @@ def test_a_handed_over_batch_drops_cancelled_and_expired_requests_until_it_start
     items = [Item(1, {}) for _ in jobs]
     batch = _Running(jobs, items, [None, None, time.monotonic() - 1, time.monotonic() + 60])
     batch.cancel(lambda job: job.id == 1)
-    assert batch.take() == [items[0], items[3]]
+    assert batch.start()
+    assert [item.error is None for item in items] == [True, False, False, True]
     assert isinstance(items[1].error, Cancelled) and isinstance(items[2].error, DeadlineExceeded)
     batch.cancel(lambda job: job.id == 3)
     assert items[3].error is None, "a started batch is not changed: the request is answered with it"
+    gone = _Running(jobs[:1], [Item(1, {})], [time.monotonic() - 1])
+    assert not gone.start(), "nothing left to run: the engine skips the batch"
 
 
 @pytest.mark.timeout(180)

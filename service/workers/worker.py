@@ -17,8 +17,8 @@ import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -103,11 +103,12 @@ def main(spec: ModelSpec, options: WorkerOptions, conn: Connection, arena_name: 
 
 def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, stats: WorkerStats) -> None:
     """The worker's loop: receive requests (also while a batch runs: a full queue is refused at once, a
-    cancelled request leaves the queue), hand due batches to the engine thread, answer each batch while
-    the next one runs, report. While the engine thread runs a batch, a full batch already waiting is
-    handed to it too (`PIPELINE_DEPTH`), so it starts the moment the last one ends instead of after a
-    round trip through this loop. Pings are answered when a batch finished or nothing runs, so a stuck
-    batch shows as missing heartbeats."""
+    cancelled request leaves the queue), gather due batches into the pool and hand them to the engine
+    thread, answer each batch while the next one runs, report. While the engine thread runs a batch, a
+    full batch already waiting is gathered (on a GPU: uploaded into the pool's other input set) and
+    handed over too (`_may_start`), so the engine starts it the moment the last one ends instead of
+    after a round trip through this loop. Pings are answered when a batch finished or nothing runs, so
+    a stuck batch shows as missing heartbeats."""
     engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
     running: deque[_Running] = deque()  # oldest first; the engine thread runs them in this order
     pongs: list[int] = []
@@ -246,15 +247,16 @@ class _Running:
                     if match(job):
                         item.error = Cancelled("request cancelled while queued")
 
-    def take(self) -> list[Item]:
-        """On the engine thread, as the batch starts: the items still wanted (expired ones fail now)."""
+    def start(self) -> bool:
+        """On the engine thread, as the batch starts: fail the requests whose deadline passed; whether any
+        request is still wanted."""
         with self.lock:
             self.started = True
         now = time.monotonic()
         for item, deadline in zip(self.items, self.deadlines):
             if item.error is None and deadline is not None and deadline <= now:
                 item.error = DeadlineExceeded("deadline passed while the request was queued")
-        return [item for item in self.items if item.error is None]
+        return any(item.error is None for item in self.items)
 
 
 def _start(engine: ThreadPoolExecutor, runtime: ModelRuntime, requests: tuple[QueuedRequest, ...],
@@ -285,7 +287,7 @@ def _start(engine: ThreadPoolExecutor, runtime: ModelRuntime, requests: tuple[Qu
 def _run_when_wanted(runtime: ModelRuntime, batch: _Running, prepared: Prepared) -> list[Any]:
     """On the engine thread: run the batch unless every request was cancelled or expired before it
     started (otherwise their rows run with it, being in the pool, and they are answered with their error)."""
-    return _execute(runtime, prepared) if batch.take() else []
+    return _execute(runtime, prepared) if batch.start() else []
 
 
 def _execute(runtime: ModelRuntime, prepared: Prepared) -> list[Any]:
