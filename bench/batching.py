@@ -1,7 +1,7 @@
 """Dynamic batching benchmark: `mlp` with batch-1 requests, served with batching on and off, against
 the engine alone in-process at the same executed batch sizes.
 
-    .venv/bin/python -m bench.batching [--quick] [--seconds 8] [--clients 1,8,32]
+    .venv/bin/python -m bench.batching [--quick] [--seconds 8] [--clients 1,8,32] [--intra-op-threads N]
 
 A tmp repository holds two copies of the example `mlp`: `mlp_batched` (dynamic batching, 2 ms
 window, preferred sizes 8/16/32) and `mlp_plain` (no dynamic batching); both warm a 64-row engine so
@@ -13,6 +13,9 @@ right after each point so that both see the same machine; its throughput at a fr
 interpolates the time per run between the neighbouring integer batch sizes. Goal: at 32 clients with
 batching on, served inferences/s >= 80% of the engine alone at the mean executed batch. Clients,
 frontend, worker and engine share the same cores, which is the deployment this measures.
+`--intra-op-threads N` configures the served engine and the engine alone alike (0: ONNX Runtime's
+default, one thread per core: the engine alone then has every core, which the served engine shares
+with the clients and the frontend).
 """
 
 from __future__ import annotations
@@ -99,9 +102,9 @@ def serve_point(server: ServerProcess, mode: str, clients: int, seconds: float) 
 class EngineAlone:
     """The mlp engine in this process; seconds per run at a batch size, measured once per size."""
 
-    def __init__(self, repo: Path, seconds: float) -> None:
+    def __init__(self, repo: Path, seconds: float, intra_op_threads: int = 0) -> None:
         spec = ModelRepository(repo).load_spec(MODELS["on"][0])
-        self.engine = OnnxRuntimeBuilder(spec).build(64)
+        self.engine = OnnxRuntimeBuilder(spec, intra_op_threads=intra_op_threads).build(64)
         self.seconds = seconds
 
     def time_per_run(self, batch: int) -> float:
@@ -142,6 +145,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds per point (default 8)")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--frontend-processes", type=int, default=1, help="the server's --frontend-processes")
+    parser.add_argument("--intra-op-threads", type=int, default=0,
+                        help="ONNX Runtime threads of the served engine and of the engine alone (0: default)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the report (markdown) to write")
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 8.0)
     load_before = os.getloadavg()[0]  # other work on the machine skews every number; say so
@@ -149,8 +155,9 @@ def main() -> None:
     points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="trtserve-bench-") as tmp:
         repo = make_repo(Path(tmp))
-        engine = EngineAlone(repo, seconds=0.75 if args.quick else 2.0)
-        with start(repo, ["--frontend-processes", str(args.frontend_processes)]) as server:
+        engine = EngineAlone(repo, seconds=0.75 if args.quick else 2.0, intra_op_threads=args.intra_op_threads)
+        with start(repo, ["--frontend-processes", str(args.frontend_processes),
+                          "--intra-op-threads", str(args.intra_op_threads)]) as server:
             for mode in ("on", "off"):
                 for clients in counts:
                     points.append(p := serve_point(server, mode, clients, seconds))
@@ -171,14 +178,15 @@ def main() -> None:
     report = "\n".join([
         "# Dynamic batching: mlp, batch-1 requests", "",
         f"`.venv/bin/python -m bench.batching{' --quick' if args.quick else ''} --frontend-processes "
-        f"{args.frontend_processes}`: {seconds:g} s per point, "
+        f"{args.frontend_processes} --intra-op-threads {args.intra_op_threads}"
+        f"{'' if args.out == RESULTS else f' --out {args.out}'}`: {seconds:g} s per point, "
         f"{os.cpu_count()} CPUs shared by clients, server and engine (1-minute load average before/after: "
         f"{load_before:.1f}/{load_after:.1f}); max_queue_delay 2 ms, preferred 8/16/32.",
         "", table(points), "", verdict, ""])
     print()
     print(report)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
 
 
 if __name__ == "__main__":

@@ -219,18 +219,24 @@ class ServerMetrics:
             if not self.known(model, v):
                 return False
             acc = self._stats[(model, v)]
-            for ex in stats.get("exec", ()):
+            executions = stats.get("exec", ())
+            if executions:  # children looked up once per report: a report holds many executions
+                exec_count = self._child("inference_exec_count", model, v)
+                batch_size = self._child("batch_size", model, v)
+                queue_duration = self._child("queue_duration_seconds", model, v)
+                compute = {phase: self._child("compute_duration_seconds", model, v, phase) for phase in PHASES}
+            for ex in executions:
                 rows, queue = int(ex["rows"]), [float(q) for q in ex.get("queue_s", ())]
-                self._child("inference_exec_count", model, v).inc()
-                self._child("batch_size", model, v).observe(rows)
+                exec_count.inc()
+                batch_size.observe(rows)
                 for q in queue:
-                    self._child("queue_duration_seconds", model, v).observe(q)
+                    queue_duration.observe(q)
                 acc.execution_count += 1
                 acc.add("queue", len(queue), sum(queue))
                 batch = acc.batches.setdefault(rows, {p: [0, 0] for p in PHASES})
                 for phase in PHASES:
                     seconds = float(ex.get(phase + "_s", 0.0))
-                    self._child("compute_duration_seconds", model, v, phase).observe(seconds)
+                    compute[phase].observe(seconds)
                     # Triton attributes a batch's compute time to each request in it.
                     acc.add("compute_" + phase, len(queue), seconds * len(queue))
                     batch[phase][0] += 1
