@@ -44,6 +44,7 @@ class WorkerLink:
         self._max_inflight = max_inflight
         self._on_frame = on_frame
         self._pending: dict[int, _Pending] = {}
+        self._outbox: list[bytes] = []  # request frames of this event-loop turn, written together
         self._ids = itertools.count(1)
         self.inflight = 0
         self.closed = asyncio.get_running_loop().create_future()  # set when the stream ended or was closed
@@ -54,12 +55,10 @@ class WorkerLink:
         return self._writer is not None
 
     def send(self, header: dict[str, Any]) -> None:
-        """Write a control frame; a dead link drops it (whoever watches the worker reports its exit)."""
-        try:
-            if self._writer is not None:
-                self._writer.write(protocol.framed(header))
-        except (OSError, RuntimeError):
-            pass
+        """Write a control frame (in order with the requests); a dead link drops it (whoever watches the
+        worker reports its exit)."""
+        if self._writer is not None:
+            self._queue(protocol.framed(header))
 
     def close(self, err: ServeError) -> None:
         """Stop reading, close the stream and fail every pending request with `err` (idempotent)."""
@@ -137,9 +136,9 @@ class WorkerLink:
                 raise Unavailable(f"model '{self.spec.name}' is not ready")
             pending = _Pending(asyncio.get_running_loop().create_future(), offset, nbytes)
             self._pending[request_id] = pending
-            self._writer.write(protocol.framed({"op": protocol.INFER, "id": request_id, "inputs": refs,
-                                                "outputs": output_names, "out_offset": cursor,
-                                                "out_nbytes": out_bytes, "timeout_s": timeout_s}))
+            self._queue(protocol.framed({"op": protocol.INFER, "id": request_id, "inputs": refs,
+                                         "outputs": output_names, "out_offset": cursor,
+                                         "out_nbytes": out_bytes, "timeout_s": timeout_s}))
             try:
                 header, payload = await pending.future
             except asyncio.CancelledError:
@@ -160,6 +159,21 @@ class WorkerLink:
         finally:
             if owned:
                 arena.free(offset, nbytes)
+
+    def _queue(self, frame: bytes) -> None:
+        """Write `frame` at the end of this event-loop turn, with the other requests of the turn: one
+        write (and one wake-up of the worker) for all of them."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(frame)
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        try:
+            if self._writer is not None:
+                self._writer.write(b"".join(frames))
+        except (OSError, RuntimeError):
+            pass  # the link is dying: its reader fails the pending requests
 
     def _output_bytes(self, inputs: list[WireTensor], output_names: list[str]) -> int:
         """Room for outputs whose size is known up front; the rest travels inline."""
