@@ -41,9 +41,13 @@ from tests.server import EXAMPLES, ServerProcess, start
 GOAL = 0.80
 CLIENT_PROCESSES = 4
 RESULTS = Path(__file__).resolve().parent / "results" / "batching.md"
-BATCHING = ("dynamic_batching { max_queue_delay_microseconds: 2000 preferred_batch_size: [ 8, 16, 32 ] }\n")
+DELAY_US = 2000  # the batching window (max_queue_delay_microseconds) unless --max-queue-delay-us says otherwise
 WARMUP = "engine_policy { warmup_batch_sizes: [ 64 ] }\n"
-MODELS = {"on": ("mlp_batched", BATCHING + WARMUP), "off": ("mlp_plain", WARMUP)}
+MODELS = {"on": "mlp_batched", "off": "mlp_plain"}
+
+
+def batching_config(delay_us: int) -> str:
+    return f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} preferred_batch_size: [ 8, 16, 32 ] }}\n"
 
 
 @dataclass
@@ -62,11 +66,11 @@ class Point:
         return self.rps / self.engine_rps
 
 
-def make_repo(root: Path) -> Path:
+def make_repo(root: Path, delay_us: int = DELAY_US) -> Path:
     """Two copies of the example mlp (copied: the server refuses model files outside its repository)."""
     src = EXAMPLES / "mlp"
     base = (src / "config.pbtxt").read_text().replace('name: "mlp"', "name: \"{name}\"")
-    for name, extra in MODELS.values():
+    for name, extra in ((MODELS["on"], batching_config(delay_us) + WARMUP), (MODELS["off"], WARMUP)):
         (root / name / "1").mkdir(parents=True)
         (root / name / "config.pbtxt").write_text(base.replace("{name}", name) + extra)
         try:
@@ -86,7 +90,7 @@ def batch_histogram(server: ServerProcess, model: str) -> tuple[float, float]:
 
 
 def serve_point(server: ServerProcess, mode: str, clients: int, seconds: float) -> Point:
-    model = MODELS[mode][0]
+    model = MODELS[mode]
     x = np.random.default_rng(clients).standard_normal((1, 1024), dtype=np.float32)
     s0, c0 = batch_histogram(server, model)
     # Client threads spread over up to 4 processes, as in bench.overhead: one process of tritonclient
@@ -103,7 +107,7 @@ class EngineAlone:
     """The mlp engine in this process; seconds per run at a batch size, measured once per size."""
 
     def __init__(self, repo: Path, seconds: float, intra_op_threads: int = 0) -> None:
-        spec = ModelRepository(repo).load_spec(MODELS["on"][0])
+        spec = ModelRepository(repo).load_spec(MODELS["on"])
         self.engine = OnnxRuntimeBuilder(spec, intra_op_threads=intra_op_threads).build(64)
         self.seconds = seconds
 
@@ -147,6 +151,8 @@ def main() -> None:
     parser.add_argument("--frontend-processes", type=int, default=1, help="the server's --frontend-processes")
     parser.add_argument("--intra-op-threads", type=int, default=0,
                         help="ONNX Runtime threads of the served engine and of the engine alone (0: default)")
+    parser.add_argument("--max-queue-delay-us", type=int, default=DELAY_US,
+                        help="the batching window of mlp_batched (max_queue_delay_microseconds)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the report (markdown) to write")
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 8.0)
@@ -154,7 +160,7 @@ def main() -> None:
     counts = [int(c) for c in args.clients.split(",")]
     points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="trtserve-bench-") as tmp:
-        repo = make_repo(Path(tmp))
+        repo = make_repo(Path(tmp), args.max_queue_delay_us)
         engine = EngineAlone(repo, seconds=0.75 if args.quick else 2.0, intra_op_threads=args.intra_op_threads)
         with start(repo, ["--frontend-processes", str(args.frontend_processes),
                           "--intra-op-threads", str(args.intra_op_threads)]) as server:
@@ -178,10 +184,11 @@ def main() -> None:
     report = "\n".join([
         "# Dynamic batching: mlp, batch-1 requests", "",
         f"`.venv/bin/python -m bench.batching{' --quick' if args.quick else ''} --frontend-processes "
-        f"{args.frontend_processes} --intra-op-threads {args.intra_op_threads}"
+        f"{args.frontend_processes} --intra-op-threads {args.intra_op_threads} --max-queue-delay-us "
+        f"{args.max_queue_delay_us}"
         f"{'' if args.out == RESULTS else f' --out {args.out}'}`: {seconds:g} s per point, "
         f"{os.cpu_count()} CPUs shared by clients, server and engine (1-minute load average before/after: "
-        f"{load_before:.1f}/{load_after:.1f}); max_queue_delay 2 ms, preferred 8/16/32.",
+        f"{load_before:.1f}/{load_after:.1f}); max_queue_delay {args.max_queue_delay_us} µs, preferred 8/16/32.",
         "", table(points), "", verdict, ""])
     print()
     print(report)
