@@ -39,7 +39,7 @@ from service.repository import ModelRepository
 from tests.server import EXAMPLES, ServerProcess, start
 
 GOAL = 0.80
-CLIENT_PROCESSES = 4
+CLIENT_PROCESSES = 4  # default; the clients' own GIL caps what one process of client threads sends
 RESULTS = Path(__file__).resolve().parent / "results" / "batching.md"
 DELAY_US = 2000  # the batching window (max_queue_delay_microseconds) unless --max-queue-delay-us says otherwise
 WARMUP = "engine_policy { warmup_batch_sizes: [ 64 ] }\n"
@@ -89,14 +89,15 @@ def batch_histogram(server: ServerProcess, model: str) -> tuple[float, float]:
     return values["trtserve_batch_size_sum"], values["trtserve_batch_size_count"]
 
 
-def serve_point(server: ServerProcess, mode: str, clients: int, seconds: float) -> Point:
+def serve_point(server: ServerProcess, mode: str, clients: int, seconds: float,
+                client_processes: int = CLIENT_PROCESSES) -> Point:
     model = MODELS[mode]
     x = np.random.default_rng(clients).standard_normal((1, 1024), dtype=np.float32)
     s0, c0 = batch_histogram(server, model)
     # Client threads spread over up to 4 processes, as in bench.overhead: one process of tritonclient
     # threads is capped by its own GIL well below what the server can take.
     result = run_load_processes(server.url, model, {"x": x}, clients, seconds, {"x": "FP32"},
-                                processes=min(clients, CLIENT_PROCESSES))
+                                processes=min(clients, client_processes))
     time.sleep(0.3)  # the worker's last stats report (every 0.1 s)
     s1, c1 = batch_histogram(server, model)
     mean = (s1 - s0) / (c1 - c0) if c1 > c0 else math.nan
@@ -153,6 +154,8 @@ def main() -> None:
                         help="ONNX Runtime threads of the served engine and of the engine alone (0: default)")
     parser.add_argument("--max-queue-delay-us", type=int, default=DELAY_US,
                         help="the batching window of mlp_batched (max_queue_delay_microseconds)")
+    parser.add_argument("--client-processes", type=int, default=CLIENT_PROCESSES,
+                        help="load generator processes the clients are spread over (at most one per client)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the report (markdown) to write")
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 8.0)
@@ -166,7 +169,7 @@ def main() -> None:
                           "--intra-op-threads", str(args.intra_op_threads)]) as server:
             for mode in ("on", "off"):
                 for clients in counts:
-                    points.append(p := serve_point(server, mode, clients, seconds))
+                    points.append(p := serve_point(server, mode, clients, seconds, args.client_processes))
                     p.engine_rps = engine.inferences_per_s(p.mean_batch)
                     print(f"batching {mode}, {clients} clients: {p.rps:.0f} inferences/s, mean executed batch "
                           f"{p.mean_batch:.2f}, engine alone {p.engine_rps:.0f} inferences/s", flush=True)
@@ -185,7 +188,7 @@ def main() -> None:
         "# Dynamic batching: mlp, batch-1 requests", "",
         f"`.venv/bin/python -m bench.batching{' --quick' if args.quick else ''} --frontend-processes "
         f"{args.frontend_processes} --intra-op-threads {args.intra_op_threads} --max-queue-delay-us "
-        f"{args.max_queue_delay_us}"
+        f"{args.max_queue_delay_us} --client-processes {args.client_processes}"
         f"{'' if args.out == RESULTS else f' --out {args.out}'}`: {seconds:g} s per point, "
         f"{os.cpu_count()} CPUs shared by clients, server and engine (1-minute load average before/after: "
         f"{load_before:.1f}/{load_after:.1f}); max_queue_delay {args.max_queue_delay_us} µs, preferred 8/16/32.",
