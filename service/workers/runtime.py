@@ -11,6 +11,7 @@ batch to the next without waiting for the Python that gathers a batch.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -222,7 +223,7 @@ class ModelRuntime:
         """Views of input set `side` for the items' rows, filled with them."""
         t0 = time.perf_counter()
         bufs = self._views(sum(i.rows for i in items), side)
-        starts = np.cumsum([0] + [i.rows for i in items])
+        starts = list(itertools.accumulate((i.rows for i in items), initial=0))  # np.cumsum: 5 us more
         for t in self.spec.inputs:
             if t.name in bufs.inputs and self._upload_direct(t.name, bufs, items, starts):
                 continue
@@ -273,7 +274,7 @@ class ModelRuntime:
             self._allocator.sync()
             self._allocator.unregister_host(buf)
 
-    def _upload_direct(self, name: str, bufs: BufferSet, items: list[Item], starts: Any) -> bool:
+    def _upload_direct(self, name: str, bufs: BufferSet, items: list[Item], starts: list[int]) -> bool:
         """Queue each request's rows of input `name` from pinned shared memory straight into the device
         buffer (the engine runs on the same stream, after the copies). False, changing nothing, unless
         the pool is on a GPU and every request's array is contiguous, of the pool's dtype, and pinned."""
