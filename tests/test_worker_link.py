@@ -2,8 +2,8 @@
 
 The "worker" here is the other end of a real socket pair, read with the worker's own frame splitting:
 requests sent in one turn arrive whole and in order, and a control frame (ping, cancel, stop) sent in
-the same turn as a request comes after it. (Writing them together saves system calls and worker wake-ups: measured in
-bench.overhead, not asserted here.)
+the same turn as a request comes after it. (Writing them together saves system calls and worker
+wake-ups: measured in bench.overhead, not asserted here.)
 """
 
 from __future__ import annotations
