@@ -40,6 +40,7 @@ log = logging.getLogger("trtserve.worker")
 STATS_INTERVAL_S = 0.1
 INLINE_BELOW_S = 0.0005  # batches expected to run shorter than this run on the receiving thread
 PIPELINE_DEPTH = 2  # batches the engine thread holds: the one it runs and the full one after it
+FLUSH_AFTER_S = 0.001  # longest an answer waits while the loop keeps finding work
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
     engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
     running: deque[_Running] = deque()  # oldest first; the engine thread runs them in this order
     pongs: list[int] = []
-    last_stats, wait = 0.0, 0.0
+    last_stats, last_flush, wait = 0.0, 0.0, 0.0
     batched = runtime.spec.max_batch_size > 0
     try:
         while True:
@@ -146,12 +147,16 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
                 if report := stats.drain():
                     conns.primary.send({"op": protocol.STATS, "stats": report})
                 last_stats = now
-            conns.flush()
             until_stats = max(0.0, last_stats + STATS_INTERVAL_S - now)
             if not running:
                 wait = batcher.wait_hint(until_stats)
             else:  # one ran inline: answer it after one look at the sockets
                 wait = 0.0 if running[0].future.done() else until_stats
+            # Answers go out when the loop is about to sleep (a burst of requests answered in one write
+            # per frontend), or after FLUSH_AFTER_S of back-to-back work at the latest.
+            if wait > 0 or now - last_flush >= FLUSH_AFTER_S:
+                conns.flush()
+                last_flush = now
     finally:
         engine.shutdown(wait=True)
         conns.flush()
