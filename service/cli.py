@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "shm-bytes-per-model", "shared memory for requests in flight to one model", type=int,
          default=_DEFAULTS.shm_bytes_per_model)
     _add(serve, "max-request-bytes", "largest gRPC message accepted", type=int, default=_DEFAULTS.max_request_bytes)
-    _add(serve, "intra-op-threads", "ONNX Runtime threads per model on the CPU (0 = its default)", type=int,
+    _add(serve, "intra-op-threads", "ONNX Runtime threads per model on the CPU (0 = the CPUs the server may use where "
+         "its CPU affinity or cgroup limit restricts them, else ONNX Runtime's default of one per core)", type=int,
          default=_DEFAULTS.intra_op_threads)
     _add(serve, "intra-op-spinning", "let ONNX Runtime's CPU threads busy-wait for work between runs: a little "
          "lower latency on cores of their own, CPU taken from the frontend and other models on shared ones",

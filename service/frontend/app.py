@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from service.cpus import default_intra_op_threads
 from service.engines.policy import EnginePolicy
 from service.errors import ServeError
 from service.frontend.errors import ErrorInterceptor
@@ -86,9 +87,13 @@ async def start(settings: ServerSettings) -> RunningServer:
             updates.add(task)
             task.add_done_callback(updates.discard)
 
+    intra_op_threads = settings.intra_op_threads or default_intra_op_threads()
+    if intra_op_threads != settings.intra_op_threads:
+        log.info("ONNX Runtime CPU threads per model: %d, the CPUs this server may use (CPU affinity, cgroup "
+                 "limit); --intra-op-threads sets another number", intra_op_threads)
     manager = ModelManager(
         ModelRepository(settings.model_repository),
-        WorkerOptions(intra_op_threads=settings.intra_op_threads, intra_op_spinning=settings.intra_op_spinning,
+        WorkerOptions(intra_op_threads=intra_op_threads, intra_op_spinning=settings.intra_op_spinning,
                       engine_cache_dir=settings.engine_cache_dir,
                       log_level=settings.log_level,
                       default_policy=EnginePolicy(mode=settings.engine_mode, bucket=settings.engine_bucket,
