@@ -1,52 +1,47 @@
 """Every trtserve metric, defined once; the parent process owns the Prometheus registry.
 
-Workers never touch Prometheus: they send plain JSON-serializable dicts (op `stats`, see
-`service/workers/protocol.py`) and the parent applies them with `ServerMetrics.apply_worker_stats`.
-Counters and histogram observations travel as DELTAS since the worker's previous report (so a worker
-restart loses nothing already reported); gauges travel as current values. Every key is optional:
-
-    {
-      "exec": [                       # one entry per executed batch, in any order
-        {"rows": 8,                   # executed batch size (sum of the requests' rows)
-         "queue_s": [0.001, 0.002],   # queue time of each request in the batch (its length = requests)
-         "input_s": 0.0001, "infer_s": 0.004, "output_s": 0.0002},   # the batch's compute phases
-      ],
-      "builds": [{"reason": "grow", "seconds": 1.2}],   # reason: first|grow|bucket|warmup|cache_hit|...
-      "engines_live": 1,              # gauges: the worker's state right now
-      "engine_max_batch_size": 8,     # largest live engine capacity (0 = none)
-      "engine_device_bytes": 0,       # device memory held by live engines
-      "pool_bytes": {"host": 123, "pinned": 0, "device": 0},
-      "pool_cap_bytes": 0,            # max_pool_bytes, compared with the sum of pool_bytes; 0 = no cap
-      "pool_grows": 1                 # delta: buffer pool reallocations
-    }
-
-`WorkerStats` builds exactly this dict on the worker side. Request-level numbers (status, end-to-end
-duration, rows) are recorded by the parent itself with `observe_request`. Labels come only from models
-registered with `register_model`; anything about an unknown model is dropped, so a client asking for
-a made-up name can never create a series. The same numbers feed `statistics()`, the body of the
+Workers never touch Prometheus: they send a stats report (schema and validation in
+`service/stats_report.py`, built by `service/worker_stats.py`) and the parent applies it with
+`ServerMetrics.apply_worker_stats`, one step per series whatever the number of executed batches: the
+worker-fed histograms are `AggregatedHistogram`s, which take bucket counts. Request-level numbers (status,
+end-to-end duration, rows) are recorded by the parent itself with `observe_request`. Labels come only from
+models registered with `register_model`; anything about an unknown model is dropped, so a client asking
+for a made-up name can never create a series. The same numbers feed `statistics()`, the body of the
 ModelStatistics RPC (tritonclient's `get_inference_statistics`).
 """
 
 from __future__ import annotations
 
-import re
-import socket
 import threading
 import time
 from collections.abc import Callable
-from socketserver import ThreadingMixIn
-from typing import Any, NamedTuple
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.aggregated_histogram import AggregatedHistogram
+from service.metrics_http import MetricsEndpoint, start_http_server
+from service.model_statistics import ModelStatistics
+from service.stats_report import BATCH_BUCKETS, LATENCY_BUCKETS, MEMORY_KINDS, PHASES, validate
+from service.worker_stats import WorkerStats
+
+__all__ = [
+    "BATCH_BUCKETS",
+    "BUILD_BUCKETS",
+    "LATENCY_BUCKETS",
+    "MEMORY_KINDS",
+    "PHASES",
+    "PREFIX",
+    "SPECS",
+    "MetricsEndpoint",
+    "ServerMetrics",
+    "WorkerStats",
+    "series_names",
+    "start_http_server",
+]
 
 PREFIX = "trtserve_"
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                   30.0, 60.0)
 BUILD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-BATCH_BUCKETS = tuple(float(2 ** i) for i in range(11))  # 1, 2, 4, ..., 1024
-PHASES = ("input", "infer", "output")
-MEMORY_KINDS = ("device", "pinned", "host")
 _MV, _M = ("model", "version"), ("model",)
 
 # name (without prefix; counters without _total) -> (kind, label names, help, buckets)
@@ -54,12 +49,14 @@ SPECS: dict[str, tuple[str, tuple[str, ...], str, tuple[float, ...]]] = {
     "inference_requests": ("counter", (*_MV, "status"), "Requests by gRPC status name.", ()),
     "inference_count": ("counter", _MV, "Inferences (rows) of successful requests.", ()),
     "inference_exec_count": ("counter", _MV, "Executed batches.", ()),
-    "request_duration_seconds": ("histogram", _MV, "End-to-end duration of successful requests.",
-                                 LATENCY_BUCKETS),
-    "queue_duration_seconds": ("histogram", _MV, "Time a request waited in the batcher queue.",
-                               LATENCY_BUCKETS),
-    "compute_duration_seconds": ("histogram", (*_MV, "phase"), "Per executed batch: input, infer, output.",
-                                 LATENCY_BUCKETS),
+    "request_duration_seconds": ("histogram", _MV, "End-to-end duration of successful requests.", LATENCY_BUCKETS),
+    "queue_duration_seconds": ("histogram", _MV, "Time a request waited in the batcher queue.", LATENCY_BUCKETS),
+    "compute_duration_seconds": (
+        "histogram",
+        (*_MV, "phase"),
+        "Per executed batch: input, infer, output.",
+        LATENCY_BUCKETS,
+    ),
     "batch_size": ("histogram", _MV, "Executed batch sizes (rows).", BATCH_BUCKETS),
     "pending_requests": ("gauge", _MV, "Requests sent to the worker and not answered yet.", ()),
     "engine_builds": ("counter", ("model", "reason"), "Engines built or loaded, by reason.", ()),
@@ -73,9 +70,8 @@ SPECS: dict[str, tuple[str, tuple[str, ...], str, tuple[float, ...]]] = {
     "worker_restarts": ("counter", _M, "Model worker restarts.", ()),
     "model_ready": ("gauge", _MV, "1 when the model version serves requests.", ()),
 }
-_REASON = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_STATS_KEYS = {"exec", "builds", "engines_live", "engine_max_batch_size", "engine_device_bytes",
-               "pool_bytes", "pool_cap_bytes", "pool_grows"}
+# Fed with bucket counts from the workers' reports, not single observations.
+_AGGREGATED = {"queue_duration_seconds", "compute_duration_seconds", "batch_size"}
 
 
 def series_names(name: str) -> tuple[str, ...]:
@@ -92,8 +88,7 @@ def series_names(name: str) -> tuple[str, ...]:
 class ServerMetrics:
     """Prometheus metrics plus the ModelStatistics accumulator, for configured models only."""
 
-    def __init__(self, registry: CollectorRegistry | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._clock = clock
         self._lock = threading.Lock()
@@ -103,12 +98,17 @@ class ServerMetrics:
                 self._m[name] = Counter(PREFIX + name, doc, labels, registry=self.registry)
             elif kind == "gauge":
                 self._m[name] = Gauge(PREFIX + name, doc, labels, registry=self.registry)
+            elif name in _AGGREGATED:
+                self._m[name] = AggregatedHistogram(PREFIX + name, doc, labels, buckets, self.registry)
             else:
                 self._m[name] = Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
         self._versions: dict[str, set[str]] = {}
         self._series: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
-        self._stats: dict[tuple[str, str], _Stats] = {}
+        self._stats: dict[tuple[str, str], ModelStatistics] = {}
+        # Requests in flight per model version: counted here and read by the gauge at scrape time, so
+        # that the request path takes one lock instead of the gauge's own as well.
+        self._pending: dict[tuple[str, str], int] = {}
 
     # -- model registry (the label guard) --------------------------------------------------------------
     def register_model(self, name: str, version: int | str) -> None:
@@ -119,17 +119,32 @@ class ServerMetrics:
                 return
             first = not self._versions[name]
             self._versions[name].add(v)
-            self._stats[(name, v)] = _Stats()
-            for metric in ("inference_count", "inference_exec_count", "request_duration_seconds",
-                           "queue_duration_seconds", "batch_size", "pending_requests", "model_ready"):
+            self._stats[(name, v)] = ModelStatistics()
+            self._pending[(name, v)] = 0
+            for metric in (
+                "inference_count",
+                "inference_exec_count",
+                "request_duration_seconds",
+                "queue_duration_seconds",
+                "batch_size",
+                "pending_requests",
+                "model_ready",
+            ):
                 self._child(metric, name, v)
+            self._child("pending_requests", name, v).set_function(lambda key=(name, v): self._pending.get(key, 0))
             self._child("inference_requests", name, v, "OK")
             for phase in PHASES:
                 self._child("compute_duration_seconds", name, v, phase)
             if first:
-                for metric in ("engine_build_duration_seconds", "engines_live", "engine_max_batch_size",
-                               "engine_device_memory_bytes", "buffer_pool_cap_bytes", "buffer_pool_grows",
-                               "worker_restarts"):
+                for metric in (
+                    "engine_build_duration_seconds",
+                    "engines_live",
+                    "engine_max_batch_size",
+                    "engine_device_memory_bytes",
+                    "buffer_pool_cap_bytes",
+                    "buffer_pool_grows",
+                    "worker_restarts",
+                ):
                     self._child(metric, name)
                 for kind in MEMORY_KINDS:
                     self._child("buffer_pool_bytes", name, kind)
@@ -147,6 +162,7 @@ class ServerMetrics:
             versions -= gone
             for v in gone:
                 self._stats.pop((name, v), None)
+                self._pending.pop((name, v), None)
             whole = not versions
             for metric, values in list(self._series.get(name, ())):
                 per_version = SPECS[metric][1][:2] == _MV
@@ -168,8 +184,7 @@ class ServerMetrics:
         return child
 
     # -- parent-side events ----------------------------------------------------------------------------
-    def observe_request(self, model: str, version: int | str, status: str, seconds: float,
-                        rows: int) -> bool:
+    def observe_request(self, model: str, version: int | str, status: str, seconds: float, rows: int) -> bool:
         """One finished request; `status` is a grpc.StatusCode name. False when the model is unknown."""
         v = str(version)
         with self._lock:
@@ -189,9 +204,10 @@ class ServerMetrics:
 
     def add_pending(self, model: str, version: int | str, delta: int) -> None:
         """+1 when a request is handed to the worker, -1 when its answer (or failure) comes back."""
+        key = (model, str(version))
         with self._lock:
-            if self.known(model, version):
-                self._child("pending_requests", model, str(version)).inc(delta)
+            if key in self._pending:  # registered
+                self._pending[key] += delta
 
     def set_ready(self, model: str, version: int | str, ready: bool) -> None:
         with self._lock:
@@ -211,43 +227,31 @@ class ServerMetrics:
 
     # -- worker stats ----------------------------------------------------------------------------------
     def apply_worker_stats(self, model: str, version: int | str, stats: dict[str, Any]) -> bool:
-        """Apply one worker report (schema in the module docstring). Validates everything before
+        """Apply one worker report (schema in `service/stats_report.py`). Validates everything before
         changing anything; raises ValueError on a malformed report, returns False for an unknown model."""
-        _validate(stats)
+        validate(stats)
         v = str(version)
         with self._lock:
             if not self.known(model, v):
                 return False
-            acc = self._stats[(model, v)]
-            executions = stats.get("exec", ())
-            if executions:  # children looked up once per report: a report holds many executions
-                exec_count = self._child("inference_exec_count", model, v)
-                batch_size = self._child("batch_size", model, v)
-                queue_duration = self._child("queue_duration_seconds", model, v)
-                compute = {phase: self._child("compute_duration_seconds", model, v, phase) for phase in PHASES}
-            for ex in executions:
-                rows, queue = int(ex["rows"]), [float(q) for q in ex.get("queue_s", ())]
-                exec_count.inc()
-                batch_size.observe(rows)
-                for q in queue:
-                    queue_duration.observe(q)
-                acc.execution_count += 1
-                acc.add("queue", len(queue), sum(queue))
-                batch = acc.batches.setdefault(rows, {p: [0, 0] for p in PHASES})
+            ex = stats.get("exec")
+            if ex is not None:
+                self._stats[(model, v)].add_executions(ex)
+                self._child("inference_exec_count", model, v).inc(ex["count"])
+                histograms = ex["histograms"]
+                self._child("batch_size", model, v).add(*histograms["batch_size"])
+                self._child("queue_duration_seconds", model, v).add(*histograms["queue"])
                 for phase in PHASES:
-                    seconds = float(ex.get(phase + "_s", 0.0))
-                    compute[phase].observe(seconds)
-                    # Triton attributes a batch's compute time to each request in it.
-                    acc.add("compute_" + phase, len(queue), seconds * len(queue))
-                    batch[phase][0] += 1
-                    batch[phase][1] += round(seconds * 1e9)
+                    self._child("compute_duration_seconds", model, v, phase).add(*histograms[phase])
             for build in stats.get("builds", ()):
                 self._child("engine_builds", model, build["reason"]).inc()
                 self._child("engine_build_duration_seconds", model).observe(float(build["seconds"]))
-            for key, metric in (("engines_live", "engines_live"),
-                                ("engine_max_batch_size", "engine_max_batch_size"),
-                                ("engine_device_bytes", "engine_device_memory_bytes"),
-                                ("pool_cap_bytes", "buffer_pool_cap_bytes")):
+            for key, metric in (
+                ("engines_live", "engines_live"),
+                ("engine_max_batch_size", "engine_max_batch_size"),
+                ("engine_device_bytes", "engine_device_memory_bytes"),
+                ("pool_cap_bytes", "buffer_pool_cap_bytes"),
+            ):
                 if key in stats:
                     self._child(metric, model).set(stats[key])
             for kind, nbytes in stats.get("pool_bytes", {}).items():
@@ -267,142 +271,3 @@ class ServerMetrics:
         Raises KeyError for a model version that is not registered."""
         with self._lock:
             return self._stats[(model, str(version))].to_dict(model, str(version))
-
-
-class _Stats:
-    """Cumulative numbers for one model version, in Triton's ModelStatistics shape."""
-
-    DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
-
-    def __init__(self) -> None:
-        self.durations = {k: [0, 0] for k in self.DURATIONS}  # [count, ns]
-        self.inference_count = 0
-        self.execution_count = 0
-        self.last_inference_ms = 0
-        self.batches: dict[int, dict[str, list[int]]] = {}
-
-    def add(self, key: str, count: int, seconds: float) -> None:
-        self.durations[key][0] += count
-        self.durations[key][1] += round(seconds * 1e9)
-
-    def to_dict(self, model: str, version: str) -> dict[str, Any]:
-        def dur(pair: list[int]) -> dict[str, int]:
-            return {"count": pair[0], "ns": pair[1]}
-
-        return {
-            "name": model, "version": version, "last_inference": self.last_inference_ms,
-            "inference_count": self.inference_count, "execution_count": self.execution_count,
-            "inference_stats": {k: dur(v) for k, v in self.durations.items()},
-            "batch_stats": [{"batch_size": b, **{"compute_" + p: dur(phases[p]) for p in PHASES}}
-                            for b, phases in sorted(self.batches.items())],
-        }
-
-
-def _validate(stats: dict[str, Any]) -> None:
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise ValueError(f"malformed worker stats: {what}")
-
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
-
-    need(isinstance(stats, dict), "not a dict")
-    need(not set(stats) - _STATS_KEYS, f"unknown keys {sorted(set(stats) - _STATS_KEYS)}")
-    need(all(isinstance(stats.get(k, []), list) for k in ("exec", "builds")), "exec and builds must be lists")
-    for ex in stats.get("exec", ()):
-        need(isinstance(ex, dict) and isinstance(ex.get("rows"), int) and number(ex["rows"]),
-             f"exec entry {ex!r} needs integer rows >= 0")
-        need(not set(ex) - {"rows", "queue_s", "input_s", "infer_s", "output_s"}, f"exec keys {sorted(ex)}")
-        need(all(number(x) for x in ex.get("queue_s", [])), "queue_s must be seconds >= 0")
-        need(all(number(ex.get(p + "_s", 0)) for p in PHASES), "phase durations must be seconds >= 0")
-    for build in stats.get("builds", ()):
-        need(isinstance(build, dict) and isinstance(build.get("reason"), str)
-             and bool(_REASON.match(build["reason"])) and number(build.get("seconds")),
-             f"build entry {build!r} needs a reason like 'grow' and seconds >= 0")
-    for key in ("engines_live", "engine_max_batch_size", "engine_device_bytes", "pool_cap_bytes",
-                "pool_grows"):
-        need(key not in stats or (isinstance(stats[key], int) and number(stats[key])), f"{key} must be int >= 0")
-    pool = stats.get("pool_bytes", {})
-    need(isinstance(pool, dict) and set(pool) <= set(MEMORY_KINDS)
-         and all(isinstance(n, int) and number(n) for n in pool.values()),
-         f"pool_bytes must map {MEMORY_KINDS} to int >= 0")
-
-
-class WorkerStats:
-    """Worker-side builder of the stats dict: record events, then `drain()` one report to send."""
-
-    def __init__(self) -> None:
-        self._exec: list[dict[str, Any]] = []
-        self._builds: list[dict[str, Any]] = []
-        self._grows = 0
-        self._gauges: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def record_exec(self, rows: int, queue_s: list[float], input_s: float, infer_s: float,
-                    output_s: float) -> None:
-        with self._lock:
-            self._exec.append({"rows": rows, "queue_s": list(queue_s), "input_s": input_s,
-                               "infer_s": infer_s, "output_s": output_s})
-
-    def record_build(self, reason: str, seconds: float) -> None:
-        with self._lock:
-            self._builds.append({"reason": reason, "seconds": seconds})
-
-    def record_pool_grow(self, times: int = 1) -> None:
-        with self._lock:
-            self._grows += times
-
-    def set_engines(self, live: int, max_batch_size: int, device_bytes: int) -> None:
-        with self._lock:
-            self._gauges.update(engines_live=live, engine_max_batch_size=max_batch_size,
-                                engine_device_bytes=device_bytes)
-
-    def set_pool(self, bytes_by_kind: dict[str, int], cap_bytes: int) -> None:
-        with self._lock:
-            self._gauges.update(pool_bytes=dict(bytes_by_kind), pool_cap_bytes=cap_bytes)
-
-    def drain(self) -> dict[str, Any]:
-        """The deltas since the previous drain plus the current gauges ({} when nothing changed)."""
-        with self._lock:
-            out: dict[str, Any] = dict(self._gauges)
-            if self._exec:
-                out["exec"] = self._exec
-            if self._builds:
-                out["builds"] = self._builds
-            if self._grows:
-                out["pool_grows"] = self._grows
-            self._exec, self._builds, self._grows, self._gauges = [], [], 0, {}
-            return out
-
-
-# -- HTTP exposition -----------------------------------------------------------------------------------
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class MetricsEndpoint(NamedTuple):
-    """A running /metrics server: `port` is the bound port, `stop()` shuts it down and joins."""
-
-    port: int
-    stop: Callable[[], None]
-
-
-def start_http_server(port: int, host: str, registry: CollectorRegistry) -> MetricsEndpoint:
-    """Serve `registry` in Prometheus text format on a daemon thread; port 0 picks a free port."""
-    server_class = type("_BoundServer", (_Server,), {
-        "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
-    httpd = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
-    thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
-    thread.start()
-
-    def stop() -> None:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
-
-    return MetricsEndpoint(httpd.server_address[1], stop)

@@ -11,7 +11,7 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import MEMORY_KINDS, PHASES, PREFIX, SPECS, ServerMetrics
+from service.metrics import MEMORY_KINDS, PHASES, PREFIX, SPECS, ServerMetrics, WorkerStats
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
@@ -72,11 +72,13 @@ def scraped() -> dict[str, list[set[str]]]:
     m.register_model("mlp", 1)
     m.observe_request("mlp", 1, "OK", 0.01, rows=4)
     m.observe_request("mlp", 1, "RESOURCE_EXHAUSTED", 0.001, rows=64)
-    m.apply_worker_stats("mlp", 1, {
-        "exec": [{"rows": 4, "queue_s": [0.001], "input_s": 0.0001, "infer_s": 0.002, "output_s": 0.0001}],
-        "builds": [{"reason": "first", "seconds": 0.3}], "engines_live": 1, "engine_max_batch_size": 4,
-        "engine_device_bytes": 0, "pool_bytes": {"host": 512, "pinned": 0, "device": 0},
-        "pool_cap_bytes": 4096, "pool_grows": 1})
+    w = WorkerStats()
+    w.record_exec(4, [0.001], input_s=0.0001, infer_s=0.002, output_s=0.0001)
+    w.record_build("first", 0.3)
+    w.set_engines(live=1, max_batch_size=4, device_bytes=0)
+    w.set_pool({"host": 512, "pinned": 0, "device": 0}, cap_bytes=4096)
+    w.record_pool_grow()
+    m.apply_worker_stats("mlp", 1, w.drain())
     m.set_ready("mlp", 1, True)
     m.worker_restarted("mlp")
     out: dict[str, list[set[str]]] = {}

@@ -132,13 +132,19 @@ def test_worker_stats_deltas_accumulate_and_gauges_overwrite(m: ServerMetrics) -
     assert value(m, "trtserve_buffer_pool_grows_total", model="mlp") == 3
 
 
+def _executed(rows: int, queue_s: list[float], **extra: object) -> dict:
+    """A worker report of one executed batch (JSON round trip), with `extra` keys set on it."""
+    w = WorkerStats()
+    w.record_exec(rows, queue_s, input_s=0.0001, infer_s=0.002, output_s=0.0001)
+    return {**json.loads(json.dumps(w.drain())), **extra}
+
+
 @pytest.mark.parametrize("bad", [
-    {"exec": [{"rows": 2, "queue_s": [0.1]}], "engines_lve": 1},                      # unknown key
-    {"exec": [{"rows": 2, "queue_s": [0.1]}], "builds": [{"reason": "Grow Up!", "seconds": 1}]},
-    {"exec": [{"rows": 2, "queue_s": [-1.0]}]},
-    {"exec": [{"rows": 2.5}]},
+    _executed(2, [0.1], engines_lve=1),                                              # unknown key
+    _executed(2, [0.1], builds=[{"reason": "Grow Up!", "seconds": 1}]),
+    _executed(2, [0.1], pool_bytes={"gpu": 1}),
+    {"exec": [{"rows": 2, "queue_s": [0.1]}]},                                       # one entry per batch
     {"exec": {"rows": 2}},
-    {"exec": [{"rows": 2, "queue_s": [0.1]}], "pool_bytes": {"gpu": 1}},
     {"engines_live": True},
     {"pool_grows": -1},
 ])
@@ -192,11 +198,11 @@ def test_statistics_match_triton_shape_and_numbers() -> None:
     clock = FakeClock(1000.0)
     m = ServerMetrics(clock=clock)
     m.register_model("mlp", 3)
-    m.apply_worker_stats("mlp", 3, {"exec": [
-        {"rows": 4, "queue_s": [0.001, 0.003], "input_s": 0.0001, "infer_s": 0.002, "output_s": 0.0003},
-        {"rows": 4, "queue_s": [0.002], "input_s": 0.0003, "infer_s": 0.004, "output_s": 0.0001},
-        {"rows": 1, "queue_s": [0.0], "input_s": 0.0, "infer_s": 0.001, "output_s": 0.0},
-    ]})
+    w = WorkerStats()
+    w.record_exec(4, [0.001, 0.003], input_s=0.0001, infer_s=0.002, output_s=0.0003)
+    w.record_exec(4, [0.002], input_s=0.0003, infer_s=0.004, output_s=0.0001)
+    w.record_exec(1, [0.0], input_s=0.0, infer_s=0.001, output_s=0.0)
+    m.apply_worker_stats("mlp", 3, json.loads(json.dumps(w.drain())))
     m.observe_request("mlp", 3, "OK", 0.010, rows=4)
     clock.t = 1002.5
     m.observe_request("mlp", 3, "OK", 0.020, rows=5)
@@ -233,10 +239,12 @@ def test_instances_do_not_share_state() -> None:
 
 
 def test_concurrent_updates_are_exact(m: ServerMetrics) -> None:
+    report = {**_executed(2, [0.0]), "pool_grows": 1}
+
     def work() -> None:
         for _ in range(500):
             m.observe_request("mlp", 1, "OK", 0.001, rows=2)
-            m.apply_worker_stats("mlp", 1, {"exec": [{"rows": 2, "queue_s": [0.0]}], "pool_grows": 1})
+            m.apply_worker_stats("mlp", 1, report)
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for t in threads:
