@@ -1,7 +1,7 @@
 """Every trtserve metric, defined once; the parent process owns the Prometheus registry.
 
 Workers never touch Prometheus: they send a stats report (schema and validation in
-`service/stats_report.py`, built by `service/worker_stats.py`) and the parent applies it with
+`service/metrics/report.py`, built by `service/metrics/worker_stats.py`) and the parent applies it with
 `ServerMetrics.apply_worker_stats`, one step per series whatever the number of executed batches: the
 worker-fed histograms are `AggregatedHistogram`s, which take bucket counts. Request-level numbers (status,
 end-to-end duration, rows) are recorded by the parent itself with `observe_request`. Labels come only from
@@ -19,26 +19,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.aggregated_histogram import AggregatedHistogram
-from service.metrics_http import MetricsEndpoint, start_http_server
-from service.model_statistics import ModelStatistics
-from service.stats_report import BATCH_BUCKETS, LATENCY_BUCKETS, MEMORY_KINDS, PHASES, validate
-from service.worker_stats import WorkerStats
-
-__all__ = [
-    "BATCH_BUCKETS",
-    "BUILD_BUCKETS",
-    "LATENCY_BUCKETS",
-    "MEMORY_KINDS",
-    "PHASES",
-    "PREFIX",
-    "SPECS",
-    "MetricsEndpoint",
-    "ServerMetrics",
-    "WorkerStats",
-    "series_names",
-    "start_http_server",
-]
+from service.metrics.histogram import AggregatedHistogram
+from service.metrics.report import BATCH_BUCKETS, LATENCY_BUCKETS, MEMORY_KINDS, PHASES, validate
+from service.metrics.statistics import ModelStatistics
 
 PREFIX = "trtserve_"
 BUILD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -227,7 +210,7 @@ class ServerMetrics:
 
     # -- worker stats ----------------------------------------------------------------------------------
     def apply_worker_stats(self, model: str, version: int | str, stats: dict[str, Any]) -> bool:
-        """Apply one worker report (schema in `service/stats_report.py`). Validates everything before
+        """Apply one worker report (schema in `service/metrics/report.py`). Validates everything before
         changing anything; raises ValueError on a malformed report, returns False for an unknown model."""
         validate(stats)
         v = str(version)

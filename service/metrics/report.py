@@ -27,7 +27,7 @@ gauges travel as current values. Every key is optional:
       "pool_grows": 1                 # delta: buffer pool reallocations
     }
 
-`service.worker_stats.WorkerStats` builds it; `ServerMetrics.apply_worker_stats` applies it. Its size and
+`service.metrics.worker_stats.WorkerStats` builds it; `ServerMetrics.apply_worker_stats` applies it. Its size and
 the cost of checking it do not grow with the number of executions, only with the distinct batch sizes.
 """
 

@@ -1,7 +1,7 @@
 """Worker-side stats: events recorded as they happen, aggregated into one report per drain.
 
 Executed batches are folded into bucket counts, sums and ModelStatistics totals as they are recorded
-(schema in `service/stats_report.py`), so a report's size and the parent's work to apply it stay the same
+(schema in `service/metrics/report.py`), so a report's size and the parent's work to apply it stay the same
 however many batches ran since the previous one: at batch 1 there is one executed batch per request.
 """
 
@@ -12,7 +12,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
 
-from service.stats_report import BATCH_BUCKETS, LATENCY_BUCKETS, PHASES
+from service.metrics.report import BATCH_BUCKETS, LATENCY_BUCKETS, PHASES
 
 
 class _Executions:

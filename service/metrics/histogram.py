@@ -1,6 +1,6 @@
 """A Prometheus histogram fed with bucket counts instead of single observations.
 
-The workers count their observations into buckets themselves (`service/worker_stats.py`); the parent adds
+The workers count their observations into buckets themselves (`service/metrics/worker_stats.py`); the parent adds
 each report's counts in one step per series. prometheus_client's `Histogram` only takes one value at a
 time, so this custom collector owns those series and exposes them exactly as a `Histogram` with the same
 name, help, labels and buckets would: `_bucket` (cumulative) per bound and +Inf, `_count`, `_sum`,

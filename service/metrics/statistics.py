@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.stats_report import PHASES
+from service.metrics.report import PHASES
 
 
 class ModelStatistics:
@@ -25,7 +25,7 @@ class ModelStatistics:
         self.durations[key][1] += round(seconds * 1e9)
 
     def add_executions(self, ex: dict[str, Any]) -> None:
-        """Add a worker report's `exec` section (validated; schema in `service/stats_report.py`)."""
+        """Add a worker report's `exec` section (validated; schema in `service/metrics/report.py`)."""
         self.execution_count += ex["count"]
         requests = ex["requests"]
         queue = self.durations["queue"]
