@@ -89,11 +89,13 @@ def micro() -> list[tuple[str, str, float]]:
     outputs = [WireTensor("y", "FP32", (1, 16), x.tobytes())]
     metrics = ServerMetrics()
     metrics.register_model("tiny", 1)
-    ref = protocol.TensorRef("x", "FP32", (1, 16), 0, 64).to_json()
-    infer_header = {"op": "infer", "id": 1234, "inputs": [ref], "outputs": ["y"], "out_offset": 64,
-                    "out_nbytes": 64, "timeout_s": None}
-    result_frame = protocol.encode({"op": "result", "id": 1234,
-                                    "outputs": [protocol.TensorRef("y", "FP32", (1, 16), 64, 64).to_json()]})
+    frames = protocol.FrameCodec(spec)
+
+    def infer_frame() -> bytes:
+        return frames.encode_infer(1234, [("x", "FP32", (1, 16), 0, 64)], ["y"], 64, 64, None)
+
+    infer_body = infer_frame()[4:]  # as the worker receives it (length prefix split off)
+    result_body = frames.encode_result(1234, [(0, (1, 16), 64, 64, False)])[4:]
     # A worker report as it comes under load: one entry per executed batch over 100 ms (70 at 700 batches/s).
     stats = WorkerStats()
     stats.set_engines(1, 1, 0)
@@ -120,20 +122,24 @@ def micro() -> list[tuple[str, str, float]]:
 
         def __init__(self) -> None:
             self.buf = buf
+            self.codec = frames
 
         def send(self, header: dict, payload: bytes | None = None) -> None:
-            protocol.encode(header, payload)
+            protocol.framed(header, payload)
 
-    job = worker_mod._Job(1234, infer_header, 1, {"x": x}, _NoPipe())
+        def send_frame(self, frame: bytes) -> None:
+            pass
+
+    job = worker_mod._Job(1234, frames.decode_infer(infer_body), 1, {"x": x}, _NoPipe())
 
     def worker_receive() -> object:
-        header, _ = protocol.decode(protocol.encode(infer_header))
-        refs = [protocol.TensorRef.from_json(i) for i in header["inputs"]]
-        return {r.name: to_array(r.datatype, r.shape, buf[r.offset:r.offset + r.nbytes], name=r.name) for r in refs}
+        request = frames.decode_infer(infer_body)
+        return {spec.inputs[i].name: to_array(spec.inputs[i].datatype, shape, buf[offset:offset + n],
+                                              name=spec.inputs[i].name)
+                for i, shape, offset, n in request.inputs}
 
     def parent_receive() -> object:
-        header, _ = protocol.decode(result_frame)
-        return [protocol.TensorRef.from_json(i) for i in header["outputs"]]
+        return frames.decode_result(result_body)
 
     def stats_apply() -> None:
         header, _ = protocol.decode(stats_frame)
@@ -161,12 +167,12 @@ def micro() -> list[tuple[str, str, float]]:
         ("frontend", "metrics.add_pending(+1, -1)", _time(lambda: (metrics.add_pending("tiny", 1, 1),
                                                                     metrics.add_pending("tiny", 1, -1)))),
         ("frontend", "metrics.observe_request", _time(lambda: metrics.observe_request("tiny", "1", "OK", 1e-3, 1))),
-        ("frontend", "protocol.encode(infer header) (JSON)", _time(lambda: protocol.encode(infer_header))),
-        ("frontend", "protocol.decode(result) + TensorRef.from_json", _time(parent_receive)),
+        ("frontend", "FrameCodec.encode_infer (binary INFER)", _time(infer_frame)),
+        ("frontend", "FrameCodec.decode_result (binary RESULT)", _time(parent_receive)),
         ("frontend", "asyncio future round trip (create, set, await)", asyncio.run(futures())),
         ("frontend", f"worker stats, per executed batch: JSON decode + validate + apply (report of {REPORT_BATCHES})",
          _time(stats_apply, 100) / REPORT_BATCHES),
-        ("worker", "decode infer frame + TensorRef + to_array", _time(worker_receive)),
+        ("worker", "FrameCodec.decode_infer + to_array", _time(worker_receive)),
         ("worker", "worker stats, per executed batch: record_exec + JSON report",
          _time(worker_report, 100) / REPORT_BATCHES),
         ("worker", "ModelRuntime.run([1 item]) (pool + registry + IOBinding run)",
@@ -177,7 +183,7 @@ def micro() -> list[tuple[str, str, float]]:
         ("worker", "  reference: session.run_with_iobinding, binding reused",
          _time(lambda: session.run_with_iobinding(binding))),
         ("worker", "  reference: plain session.run(['y'], {'x': x})", _time(lambda: session.run(["y"], {"x": x}))),
-        ("worker", "_reply: to_raw + copy to shm + JSON header (no pipe write)",
+        ("worker", "_reply: to_raw + copy to shm + binary RESULT (no pipe write)",
          _time(lambda: worker_mod._reply(spec, job, {"y": x}))),
     ]
     runtime.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from service.repository import ModelRepository
 from service.workers import protocol
 from service.workers.connections import Connections
 from service.workers.shm import Arena
@@ -35,10 +36,24 @@ def setup():
     folder.cleanup()
 
 
+TINY = ModelRepository(Path(__file__).resolve().parent.parent / "examples" / "models").load_spec("tiny")
+
+
+def _header(frame: bytes) -> dict:
+    """What a frame says, as a dict: a binary INFER as its op and id."""
+    if protocol.is_infer(frame):
+        return {"op": protocol.INFER, "id": protocol.FrameCodec(TINY).decode_infer(frame).id}
+    return protocol.decode(frame)[0]
+
+
+def _infer(request_id: int) -> bytes:
+    return protocol.FrameCodec(TINY).encode_infer(request_id, [("x", "FP32", (1, 16), 0, 64)], ["y"], 64, 64, None)
+
+
 def _received(conns: Connections, want: int, timeout_s: float = 5.0) -> list:
     got, deadline = [], time.monotonic() + timeout_s
     while len(got) < want and time.monotonic() < deadline:
-        got += [(channel, protocol.decode(frame)[0]) for channel, frame in conns.receive(0.05)]
+        got += [(channel, _header(frame)) for channel, frame in conns.receive(0.05)]
     return got
 
 
@@ -62,21 +77,23 @@ def test_a_new_frontend_is_served_from_its_hello_on_even_with_requests_in_the_sa
     conns, _, path, extra_arena = setup
     frontend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     frontend.connect(path)
-    frontend.sendall(protocol.framed({"op": "hello", "arena": extra_arena.name})
-                     + protocol.framed({"op": "infer", "id": 1}) + protocol.framed({"op": "infer", "id": 2}))
+    frontend.sendall(protocol.framed({"op": "hello", "arena": extra_arena.name}) + _infer(1) + _infer(2))
     got = _received(conns, 2)
-    assert [header["id"] for _, header in got] == [1, 2]
+    assert [(header["op"], header["id"]) for _, header in got] == [(protocol.INFER, 1), (protocol.INFER, 2)]
     channel = got[0][0]
     assert not channel.primary and conns.opened == [channel]
     extra_arena.buf[:5] = b"hello"
     assert bytes(channel.buf[:5]) == b"hello"  # the frontend's own arena, mapped in the worker
-    channel.send({"op": "result", "id": 1})
-    channel.send({"op": "result", "id": 2})
+    codec = protocol.FrameCodec(TINY)
+    channel.send_frame(codec.encode_result(1, [(0, (1, 16), 64, 64, False)]))
+    channel.send({"op": "error", "id": 2, "error": {"code": "INTERNAL", "message": "no"}})
     conns.flush()  # both answers in one write
     frontend.settimeout(5)
-    data = b""
-    while data.count(b'"result"') < 2:
+    data, answers = bytearray(), []
+    while len(answers) < 2:
         data += frontend.recv(4096)
+        answers += protocol.split_framed(data)
+    assert codec.decode_result(answers[0])[0] == 1 and protocol.decode(answers[1])[0]["id"] == 2
     frontend.close()
     deadline = time.monotonic() + 5
     while channel not in conns.closed and time.monotonic() < deadline:

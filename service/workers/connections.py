@@ -33,12 +33,17 @@ class Channel:
         self.buf = shm.buf if shm is not None else None
         self.primary = primary
         self.closed = False
+        self.codec: protocol.FrameCodec | None = None  # the model's INFER/RESULT layout, set by the worker
         self._inbox = bytearray()
         self._outbox: list[bytes] = []
 
     def send(self, header: dict[str, Any], payload: bytes | None = None) -> None:
-        """Queue a frame; `Connections.flush` writes it."""
+        """Queue a JSON frame; `Connections.flush` writes it."""
         self._outbox.append(protocol.framed(header, payload))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue a frame already framed (a RESULT)."""
+        self._outbox.append(frame)
 
     def error(self, request_id: int, exc: ServeError) -> None:
         self.send({"op": protocol.ERROR, "id": request_id, "error": exc.to_wire()})
@@ -70,6 +75,12 @@ class Channel:
             if self.primary:
                 raise
             self.closed = True  # an extra frontend went away; its requests have nobody left to answer
+
+    def abandon(self) -> None:
+        """Stop serving an extra frontend whose frames make no sense: its connection is closed at the next
+        flush, which fails its requests on its side (it cannot be the parent's pipe: that ends the worker)."""
+        if not self.primary:
+            self.closed = True
 
 
 class Connections:

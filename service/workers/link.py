@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +24,12 @@ from service.tensors import WireTensor
 from service.workers import protocol
 from service.workers.shm import Arena
 
+log = logging.getLogger("trtserve.supervisor")
+
 
 @dataclass
 class _Pending:
-    future: asyncio.Future[tuple[dict[str, Any], memoryview]]
+    future: asyncio.Future[tuple[list[protocol.OutputSlot], memoryview]]  # a RESULT's outputs and payload
     offset: int
     nbytes: int
     abandoned: bool = False
@@ -39,6 +43,11 @@ class WorkerLink:
                  on_frame: Callable[[dict[str, Any], memoryview], None] = lambda header, payload: None) -> None:
         self.spec = spec
         self.arena = arena
+        self._codec = protocol.FrameCodec(spec)
+        self._batched = spec.max_batch_size > 0
+        # Arena room per row for each output whose size is known up front; the rest travels inline.
+        self._row_bytes = {out.name: element_size(out.datatype) * math.prod(out.dims) for out in spec.outputs
+                           if out.datatype != "BYTES" and all(d > 0 for d in out.dims)}
         self._writer: asyncio.StreamWriter | None = writer
         self._shm_wait_s = shm_wait_s
         self._max_inflight = max_inflight
@@ -76,7 +85,7 @@ class WorkerLink:
         for p in pending.values():
             self._settle(p, error=err)
 
-    def _settle(self, p: _Pending, answer: tuple[dict[str, Any], memoryview] | None = None,
+    def _settle(self, p: _Pending, answer: tuple[list[protocol.OutputSlot], memoryview] | None = None,
                 error: ServeError | None = None) -> None:
         """Hand a request its answer (or error); free its block instead when its caller gave up."""
         if p.abandoned:
@@ -90,16 +99,25 @@ class WorkerLink:
     async def _read_frames(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                self._dispatch(*protocol.decode(await protocol.read_framed(reader)))
+                self._dispatch(await protocol.read_framed(reader))
         except (asyncio.IncompleteReadError, ConnectionError):
             self.close(Unavailable(f"model '{self.spec.name}': worker connection closed"))
+        except protocol.FrameError as exc:  # out of step with the worker: nothing it sends can be trusted now
+            log.error("model %s: malformed frame from the worker: %s", self.spec.name, exc)
+            self.close(Unavailable(f"model '{self.spec.name}': malformed frame from the worker"))
 
-    def _dispatch(self, header: dict[str, Any], payload: memoryview) -> None:
-        op = header.get("op")
-        if op != protocol.RESULT and op != protocol.ERROR:
+    def _dispatch(self, frame: bytes) -> None:
+        """A RESULT or ERROR settles its request; any other frame goes to `on_frame`."""
+        if protocol.is_result(frame):
+            request_id, slots, payload = self._codec.decode_result(frame)
+            if (p := self._pending.pop(request_id, None)) is not None:
+                self._settle(p, answer=(slots, payload))
+            return
+        header, payload = protocol.decode(frame)
+        if header.get("op") != protocol.ERROR:
             self._on_frame(header, payload)
         elif (p := self._pending.pop(int(header.get("id", -1)), None)) is not None:
-            self._settle(p, answer=(header, payload))
+            self._settle(p, error=ServeError.from_wire(header["error"]))
 
     # -- requests ----------------------------------------------------------------------------
     async def infer(self, inputs: list[WireTensor], output_names: list[str],
@@ -119,43 +137,39 @@ class WorkerLink:
     async def _infer(self, inputs: list[WireTensor], output_names: list[str],
                      timeout_s: float | None) -> list[WireTensor]:
         arena = self.arena
-        in_bytes = sum(_nbytes(t.data) for t in inputs)
-        out_bytes = self._output_bytes(inputs, output_names)
-        nbytes = in_bytes + out_bytes
-        offset = await arena.alloc(nbytes, self._shm_wait_s)
+        sizes = [_nbytes(t.data) for t in inputs]
+        rows = inputs[0].shape[0] if self._batched and inputs else 1
+        out_bytes = rows * sum(map(self._row_bytes.get, output_names, itertools.repeat(0)))
+        nbytes = sum(sizes) + out_bytes
+        offset = arena.try_alloc(nbytes)
+        if offset is None:  # full (or too large: alloc says so); a coroutine only then
+            offset = await arena.alloc(nbytes, self._shm_wait_s)
         owned = True  # False once the block is handed to the worker's answer (cancelled caller)
         request_id = next(self._ids)
         try:
-            refs, cursor = [], offset
-            for t in inputs:
-                n = _nbytes(t.data)
+            places, cursor = [], offset
+            for t, n in zip(inputs, sizes):
                 arena.buf[cursor:cursor + n] = t.data
-                refs.append(protocol.TensorRef(t.name, t.datatype, tuple(t.shape), cursor, n).to_json())
+                places.append((t.name, t.datatype, t.shape, cursor, n))
                 cursor += n
             if self._writer is None:  # died while we waited for shared memory
                 raise Unavailable(f"model '{self.spec.name}' is not ready")
+            frame = self._codec.encode_infer(request_id, places, output_names, cursor, out_bytes, timeout_s)
             pending = _Pending(asyncio.get_running_loop().create_future(), offset, nbytes)
             self._pending[request_id] = pending
-            self._queue(protocol.framed({"op": protocol.INFER, "id": request_id, "inputs": refs,
-                                         "outputs": output_names, "out_offset": cursor,
-                                         "out_nbytes": out_bytes, "timeout_s": timeout_s}))
+            self._queue(frame)
             try:
-                header, payload = await pending.future
+                slots, payload = await pending.future
             except asyncio.CancelledError:
                 if self._pending.get(request_id) is pending:
                     pending.abandoned = True  # the worker may still write into the block
                     owned = False
                     self.send({"op": protocol.CANCEL, "id": request_id})
                 raise
-            if header["op"] == protocol.ERROR:
-                raise ServeError.from_wire(header["error"])
-            outputs = []
-            for item in header["outputs"]:
-                ref = protocol.TensorRef.from_json(item)
-                src = payload if ref.inline else arena.buf
-                outputs.append(WireTensor(ref.name, ref.datatype, ref.shape,
-                                          bytes(src[ref.offset:ref.offset + ref.nbytes])))
-            return outputs
+            specs, buf = self._codec.outputs, arena.buf
+            return [WireTensor(specs[index].name, specs[index].datatype, shape,
+                               bytes((payload if inline else buf)[start:start + n]))
+                    for index, shape, start, n, inline in slots]
         finally:
             if owned:
                 arena.free(offset, nbytes)
@@ -174,18 +188,6 @@ class WorkerLink:
                 self._writer.write(b"".join(frames))
         except (OSError, RuntimeError):
             pass  # the link is dying: its reader fails the pending requests
-
-    def _output_bytes(self, inputs: list[WireTensor], output_names: list[str]) -> int:
-        """Room for outputs whose size is known up front; the rest travels inline."""
-        rows = inputs[0].shape[0] if self.spec.max_batch_size > 0 and inputs else 1
-        total = 0
-        for out in self.spec.outputs:
-            if out.name in output_names and out.datatype != "BYTES" and all(d > 0 for d in out.dims):
-                n = rows * element_size(out.datatype)
-                for d in out.dims:
-                    n *= d
-                total += n
-        return total
 
 
 def _nbytes(data: bytes | memoryview) -> int:

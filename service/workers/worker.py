@@ -56,10 +56,10 @@ class WorkerOptions:
 
 @dataclass
 class _Job:
-    """One request as the worker holds it: the frontend's header, its input views, where to answer."""
+    """One request as the worker holds it: the frontend's INFER, its input views, where to answer."""
 
     id: int
-    header: dict[str, Any]
+    request: protocol.InferRequest
     rows: int
     inputs: dict[str, np.ndarray]
     channel: Channel
@@ -194,41 +194,68 @@ def _pin(runtime: ModelRuntime, conns: Connections, idle: bool) -> None:
 
 def _dispatch(channel: Channel, frame: bytes, runtime: ModelRuntime, batcher: DynamicBatcher,
               running: deque[_Running], batched: bool, pongs: list[int]) -> None:
-    """One frame from a frontend: a request to queue, a cancellation, or (from the parent) a ping or the stop."""
-    header, _ = protocol.decode(frame)
-    op = header.get("op")
-    if op == protocol.INFER:
-        _submit(channel, header, runtime, batcher, batched)
-    elif op == protocol.CANCEL:
-        request_id = int(header["id"])
+    """One frame from a frontend: a request to queue, a cancellation, or (from the parent) a ping or the stop.
+    A malformed request is answered with an error; a frame that names no request drops its frontend."""
+    codec = channel.codec
+    if codec is None:
+        codec = channel.codec = protocol.FrameCodec(runtime.spec)
+    if protocol.is_infer(frame):
+        try:
+            request = codec.decode_infer(frame)
+        except protocol.FrameError as exc:
+            if exc.request_id is None:
+                _unattributable(channel, str(exc))
+            else:
+                channel.error(exc.request_id, InternalError(f"malformed request from the frontend: {exc}"))
+            return
+        _submit(channel, request, runtime, batcher, batched)
+        return
+    try:
+        header, _ = protocol.decode(frame)
+        op = header.get("op")
+        request_id = int(header["id"]) if op == protocol.CANCEL or op == protocol.PING else 0
+    except (protocol.FrameError, KeyError, TypeError, ValueError) as exc:
+        _unattributable(channel, f"{type(exc).__name__}: {exc}")
+        return
+    if op == protocol.CANCEL:
         for req in batcher.cancel(lambda r: r.payload.id == request_id and r.payload.channel is channel):
             channel.error(req.payload.id, Cancelled("request cancelled while queued"))
         for batch in running:  # or handed to the engine thread, not started yet
             batch.cancel(lambda job: job.id == request_id and job.channel is channel)
     elif op == protocol.PING and channel.primary:
-        pongs.append(int(header["id"]))
+        pongs.append(request_id)
     elif op == protocol.STOP and channel.primary:
         batcher.close(drain=True)  # what was accepted still runs and is answered
 
 
-def _submit(channel: Channel, header: dict[str, Any], runtime: ModelRuntime, batcher: DynamicBatcher,
+def _unattributable(channel: Channel, problem: str) -> None:
+    """A frame that names no request: an extra frontend sending it is dropped; the parent's pipe is kept
+    (dropping it would end the worker for every frontend) and the frame ignored."""
+    log.error("malformed frame from %s: %s", "the parent" if channel.primary else "a frontend", problem)
+    channel.abandon()
+
+
+def _submit(channel: Channel, request: protocol.InferRequest, runtime: ModelRuntime, batcher: DynamicBatcher,
             batched: bool) -> None:
-    request_id = int(header["id"])
     try:
-        refs = [protocol.TensorRef.from_json(item) for item in header["inputs"]]
-        buf = channel.buf
-        inputs = {r.name: tensors.to_array(r.datatype, r.shape, buf[r.offset:r.offset + r.nbytes], name=r.name)
-                  for r in refs}
-        rows = refs[0].shape[0] if batched and refs else 1
-        job = _Job(request_id, header, rows, inputs, channel)
+        buf, spec_inputs = channel.buf, runtime.spec.inputs
+        if request.out_offset + request.out_nbytes > buf.nbytes:
+            raise InternalError(f"malformed request from the frontend: output room {request.out_offset}+"
+                                f"{request.out_nbytes} is outside its {buf.nbytes}-byte arena")
+        inputs = {}
+        for index, shape, offset, nbytes in request.inputs:
+            t = spec_inputs[index]
+            inputs[t.name] = tensors.to_array(t.datatype, shape, buf[offset:offset + nbytes], name=t.name)
+        rows = request.inputs[0][1][0] if batched and request.inputs else 1
+        job = _Job(request.id, request, rows, inputs, channel)
         if rows == 0:  # an empty batch needs no engine
             _reply(runtime.spec, job, runtime.empty_outputs())
             return
-        timeout = header.get("timeout_s")
-        deadline = time.monotonic() + float(timeout) if timeout is not None else None
+        timeout = request.timeout_s
+        deadline = time.monotonic() + timeout if timeout is not None else None
         batcher.submit(QueuedRequest(rows=rows, deadline=deadline, payload=job))
     except ServeError as exc:
-        channel.error(request_id, exc)
+        channel.error(request.id, exc)
 
 
 @dataclass
@@ -331,27 +358,28 @@ def _finish(running: _Running, spec: ModelSpec, stats: WorkerStats) -> None:
 
 def _reply(spec: ModelSpec, job: _Job, outputs: dict[str, np.ndarray]) -> None:
     """Copy the requested outputs into the request's block (what does not fit travels inline) and answer."""
-    channel, buf = job.channel, job.channel.buf
-    datatypes = {t.name: t.datatype for t in spec.outputs}
-    offset, room = job.header["out_offset"], job.header["out_nbytes"]
-    refs: list[list[Any]] = []
+    channel, buf, request = job.channel, job.channel.buf, job.request
+    codec = channel.codec
+    specs, datatypes = codec.outputs, codec.output_datatypes  # built once per model, not per reply
+    offset, end = request.out_offset, request.out_offset + request.out_nbytes
+    slots: list[protocol.OutputSlot] = []
     inline: list[bytes] = []
     inline_size, cursor = 0, offset
     try:
-        for name in job.header["outputs"]:
+        for index in request.outputs:
+            name = specs[index].name
             array = outputs[name]
-            raw = memoryview(tensors.to_raw(array, datatypes[name], name=name)).cast("B")
+            raw = memoryview(tensors.to_raw(array, datatypes[index], name=name)).cast("B")
             n = raw.nbytes
-            if cursor + n <= offset + room:
+            if cursor + n <= end:
                 buf[cursor:cursor + n] = raw
-                refs.append(protocol.TensorRef(name, datatypes[name], tuple(array.shape), cursor, n).to_json())
+                slots.append((index, array.shape, cursor, n, False))
                 cursor += n
             else:
-                refs.append(protocol.TensorRef(name, datatypes[name], tuple(array.shape), inline_size, n,
-                                               inline=True).to_json())
+                slots.append((index, array.shape, inline_size, n, True))
                 inline.append(bytes(raw))
                 inline_size += n
     except ServeError as exc:
         channel.error(job.id, exc)
         return
-    channel.send({"op": protocol.RESULT, "id": job.id, "outputs": refs}, b"".join(inline) if inline else None)
+    channel.send_frame(codec.encode_result(job.id, slots, b"".join(inline) if inline else None))
