@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 from service import tensors
 from service.datatypes import numpy_dtype
 from service.errors import InvalidArgument
+from service.frontend import codec
 from service.frontend.codec import (
     TYPED_FIELDS,
     WireTensor,
+    decode_checked,
     decode_request,
     encode_response,
     tensor_metadata,
@@ -437,3 +439,216 @@ def test_malformed_table_is_large_and_good_request_still_decodes():
     assert [w.shape for w in wire] == [(2, 4), (2, 3)] and names == ["y", "z"]
     wire, _ = decode_request(typed_two(), TWO)
     assert tensors.to_array("FP32", wire[0].shape, wire[0].data).tolist() == [[1.0] * 4]
+
+
+
+# --- the fast path ------------------------------------------------------------------------------
+# `decode_request` tries `codec._decode_fast` first, which never raises; whatever it does not take goes
+# to `decode_checked` (every check, in order). Both must give the same tensors and the same error.
+
+
+def _outcome(decode, request, spec, raw=None):
+    try:
+        wire, names = decode(request, spec, raw)
+    except InvalidArgument as exc:
+        return ("error", exc.code, exc.message)
+    return ("ok", [(w.name, w.datatype, w.shape, [type(d) for d in w.shape], bytes(w.data)) for w in wire], names)
+
+
+def _fast(request, spec, raw=None) -> bool:
+    raw = list(request.raw_input_contents) if raw is None else raw
+    return codec._decode_fast(request, codec.plan_for(spec), raw) is not None
+
+
+def _views(request) -> tuple[Request, list[memoryview]]:
+    """The request as `request_wire` hands over a large one: raw contents as views, out of the message."""
+    raw = [memoryview(bytes(r)) for r in request.raw_input_contents]
+    request.ClearField("raw_input_contents")
+    return request, raw
+
+
+TINY = make_spec([("x", "FP32", (16,))], [("y", "FP32", (16,))], max_batch_size=256, name="tiny")
+MULTI = make_spec([("a", "FP16", (4, 2)), ("s", "BYTES", (-1,)), ("ids", "INT64", (-1,)), ("on", "BOOL", (2,))],
+                  [("y", "FP32", (4,)), ("z", "INT64", (-1,))], max_batch_size=16)
+WIDE = make_spec([("h", "BF16", (3,)), ("u", "UINT8", (2, 2)), ("d", "FP64", (1,))], max_batch_size=4)
+NO_BATCH = make_spec([("x", "INT32", (2, -1)), ("t", "BYTES", (2,))], max_batch_size=0)
+VARIABLE = make_spec([("v", "INT64", (-1, -1))], max_batch_size=4)
+
+
+def _tiny(batch=1, nbytes=None, shape=None) -> Request:
+    request = Request(model_name="tiny", id="t")
+    data = np.arange(16 * batch, dtype="<f4").tobytes()
+    add_raw(request, "x", "FP32", [batch, 16] if shape is None else shape, data if nbytes is None else data[:nbytes])
+    return request
+
+
+def _multi(batch=2, elements=None, ids_shape=None, on=None, bytes_shape=None) -> Request:
+    request = Request(id="multi")
+    add_raw(request, "a", "FP16", [batch, 4, 2], np.linspace(-2, 2, batch * 8).astype("<f2").tobytes())
+    elements = [b"xyz"[: i % 4] for i in range(batch * 3)] if elements is None else elements
+    add_raw(request, "s", "BYTES", bytes_shape or [batch, len(elements) // batch], tensors.pack_bytes(elements))
+    ids_shape = ids_shape or [batch, 3]
+    add_raw(request, "ids", "INT64", ids_shape, np.arange(int(np.prod(ids_shape)), dtype="<i8").tobytes())
+    add_raw(request, "on", "BOOL", [batch, 2], bytes([1, 0] * batch) if on is None else on)
+    return request
+
+
+def _wide(batch=3) -> Request:
+    request = Request()
+    add_raw(request, "h", "BF16", [batch, 3], np.arange(batch * 3, dtype="<u2").tobytes())
+    add_raw(request, "u", "UINT8", [batch, 2, 2], bytes(range(batch * 4)))
+    add_raw(request, "d", "FP64", [batch, 1], np.arange(batch, dtype="<f8").tobytes())
+    return request
+
+
+def _no_batch(cols=3, t=(b"a", b"bc")) -> Request:
+    request = Request()
+    add_raw(request, "x", "INT32", [2, cols], np.arange(2 * cols, dtype="<i4").tobytes())
+    add_raw(request, "t", "BYTES", [2], tensors.pack_bytes(list(t)))
+    return request
+
+
+VALID_FAST = [
+    ("tiny-batch-1", TINY, _tiny),
+    ("tiny-batch-256", TINY, lambda: _tiny(256)),
+    ("multi-fp16-bytes-int64-bool", MULTI, _multi),
+    ("multi-batch-1", MULTI, lambda: _multi(1)),
+    ("multi-bytes-same-lengths-numpy", MULTI, lambda: _multi(2, elements=[b"ab"] * 200)),
+    ("multi-bytes-mixed-lengths-many", MULTI, lambda: _multi(2, elements=[b"q" * (i % 7) for i in range(130)])),
+    ("multi-bytes-all-empty", MULTI, lambda: _multi(2, elements=[b""] * 4)),
+    ("multi-outputs-requested", MULTI, _mutate(_multi, lambda r: (r.outputs.add(name="z"), r.outputs.add(name="y")))),
+    ("bf16-uint8-fp64", WIDE, _wide),
+    ("no-batch-dim", NO_BATCH, _no_batch),
+    ("variable-dims", VARIABLE, _raw_v("INT64", [4, 2, 3], bytes(192))),
+]
+
+
+@pytest.mark.parametrize("views", [False, True], ids=["bytes", "views"])
+@pytest.mark.parametrize("case", VALID_FAST, ids=[c[0] for c in VALID_FAST])
+def test_fast_path_takes_common_requests_with_the_full_paths_result(case, views):
+    _, spec, build = case
+    request, raw = _views(build()) if views else (build(), None)
+    assert _fast(request, spec, raw)
+    fast = _outcome(decode_request, request, spec, raw)
+    assert fast[0] == "ok"
+    assert fast == _outcome(decode_checked, request, spec, raw)
+    assert all(kinds == [int] * len(kinds) for *_, kinds, _ in fast[1])
+
+
+def _reversed(request: Request) -> Request:
+    inputs, raw = list(request.inputs)[::-1], list(request.raw_input_contents)[::-1]
+    request.ClearField("inputs")
+    request.ClearField("raw_input_contents")
+    request.inputs.extend(inputs)
+    request.raw_input_contents.extend(raw)
+    return request
+
+
+VALID_DECLINED = [  # valid, but not the fast path's: decoded by the full path, as before
+    ("inputs-out-of-config-order", TWO, lambda: _reversed(good())),
+    ("batch-zero", TWO, lambda: good((0, 4), (0, 3))),
+    ("tiny-batch-zero", TINY, lambda: _tiny(0)),
+    ("typed-contents", TWO, typed_two),
+    ("zero-elements-no-batch", NO_BATCH, lambda: _no_batch(0)),
+    ("other-input-parameter", TINY,
+     _mutate(_tiny, lambda r: r.inputs[0].parameters["x"].__setattr__("int64_param", 1))),
+]
+
+
+@pytest.mark.parametrize("case", VALID_DECLINED, ids=[c[0] for c in VALID_DECLINED])
+def test_requests_the_fast_path_declines_decode_as_before(case):
+    _, spec, build = case
+    request = build()
+    assert not _fast(request, spec)
+    outcome = _outcome(decode_request, request, spec)
+    assert outcome[0] == "ok" and outcome == _outcome(decode_checked, request, spec)
+
+
+def _extend_raw(request: Request, index: int, extra: bytes) -> None:
+    request.raw_input_contents[index] = request.raw_input_contents[index] + extra
+
+
+INVALID = [(c[0], c[1], c[2]) for c in MALFORMED] + [
+    ("tiny-byte-count", TINY, lambda: _tiny(1, nbytes=60)),
+    ("tiny-negative-batch", TINY, lambda: _tiny(1, shape=[-1, 16])),
+    ("tiny-batch-over-max", TINY, lambda: _tiny(257)),
+    ("tiny-rank", TINY, lambda: _tiny(1, shape=[16])),
+    ("tiny-shm", TINY, _mutate(_tiny, lambda r: r.inputs[0].parameters["shared_memory_region"]
+                               .__setattr__("string_param", "r"))),
+    ("tiny-fp16", TINY, _mutate(_tiny, _set([("datatype", "FP16")]))),
+    ("tiny-unknown-output", TINY, _mutate(_tiny, lambda r: r.outputs.add(name="nope"))),
+    ("multi-bytes-prefix-overrun", MULTI, _mutate(_multi, lambda r: r.raw_input_contents.__setitem__(
+        1, b"\x09\x00\x00\x00abc" + bytes(20)))),
+    ("multi-bytes-trailing", MULTI, _mutate(_multi, lambda r: _extend_raw(r, 1, b"!"))),
+    ("multi-bytes-many-trailing", MULTI, _mutate(lambda: _multi(2, elements=[b"ab"] * 200),
+                                                 lambda r: _extend_raw(r, 1, b"!"))),
+    ("multi-bytes-too-few", MULTI, lambda: _multi(2, elements=[b"a"] * 4, bytes_shape=[2, 3])),
+    ("multi-bytes-huge-count", MULTI, lambda: _multi(2, bytes_shape=[2, 2**61])),
+    ("multi-bool-2", MULTI, lambda: _multi(2, on=bytes([1, 0, 2, 0]))),
+    ("multi-batch-mismatch", MULTI, lambda: _multi(2, ids_shape=[3, 2])),
+    ("multi-two-negative-dims", MULTI, _mutate(_multi, lambda r: (  # [-2,-3]: 6 elements, the bytes match
+        r.inputs[2].shape.__setitem__(0, -2), r.inputs[2].shape.__setitem__(1, -3)))),
+    ("multi-wrong-fixed-dim", MULTI, _mutate(_multi, lambda r: r.inputs[0].shape.__setitem__(2, 1))),
+    ("multi-typed-and-raw", MULTI, _mutate(_multi, lambda r: r.inputs[2].contents.int64_contents.extend([1] * 6))),
+    ("variable-negative-pairs", VARIABLE, _raw_v("INT64", [-2, -3, 1], bytes(48))),
+    ("variable-negative-dims", VARIABLE, _raw_v("INT64", [1, -3, -2], bytes(48))),
+    ("variable-batch-over-max", VARIABLE, _raw_v("INT64", [5, 1, 1], bytes(40))),
+    ("wide-short-bf16", WIDE, _mutate(_wide, lambda r: r.raw_input_contents.__setitem__(0, bytes(17)))),
+    ("no-batch-wrong-fixed-dim", NO_BATCH, _mutate(_no_batch, lambda r: r.inputs[0].shape.__setitem__(0, 3))),
+    ("no-batch-batch-dim-given", NO_BATCH, _mutate(_no_batch, lambda r: r.inputs[1].shape.insert(0, 1))),
+    ("config-dim-below-minus-one", make_spec([("x", "FP32", (-2,))]), _raw_v("FP32", [1, 2], bytes(8))),
+]
+
+
+@pytest.mark.parametrize("views", [False, True], ids=["bytes", "views"])
+@pytest.mark.parametrize("case", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_requests_get_the_full_paths_error(case, views):
+    _, spec, build = case
+    request, raw = _views(build()) if views else (build(), None)
+    fast = _outcome(decode_request, request, spec, raw)
+    assert fast[0] == "error", fast
+    assert fast == _outcome(decode_checked, request, spec, raw)
+
+
+def _random_request(draw, spec) -> Request:
+    """Inputs close to `spec`'s: each dim, datatype, name and byte count right most of the time."""
+    request = Request()
+    batch = draw(st.integers(-1, 5))
+    for cfg in spec.inputs:
+        if draw(st.integers(0, 9)) == 0:
+            continue  # missing input
+        shape = ([batch] if spec.max_batch_size > 0 else []) + [
+            d if d >= 0 and draw(st.integers(0, 9)) else draw(st.integers(-2, 4)) for d in cfg.dims]
+        if draw(st.integers(0, 9)) == 0:
+            shape = shape[:-1] if draw(st.booleans()) else [*shape, 1]
+        datatype = cfg.datatype if draw(st.integers(0, 9)) else draw(st.sampled_from(ALL_TYPES))
+        count = abs(int(np.prod(shape)))  # negative dims in pairs: bytes that match their product
+        if cfg.datatype == "BYTES":
+            data = tensors.pack_bytes(draw(st.lists(st.binary(max_size=3), min_size=count, max_size=count)))
+        elif cfg.datatype == "BOOL":
+            data = bytes(draw(st.lists(st.sampled_from([0, 1, 1, 0, 2]), min_size=count, max_size=count)))
+        else:
+            data = bytes(count * numpy_dtype(cfg.datatype).itemsize)
+        if draw(st.integers(0, 9)) == 0:
+            data = data[:-1] if data and draw(st.booleans()) else data + b"\x00"
+        add_raw(request, cfg.name if draw(st.integers(0, 19)) else "other", datatype, shape, data)
+    return _reversed(request) if draw(st.integers(0, 4)) == 0 else request
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data(), st.sampled_from([TINY, MULTI, WIDE, NO_BATCH, TWO, VARIABLE]))
+def test_fast_and_full_path_agree_on_random_requests(data, spec):
+    request = _random_request(data.draw, spec)
+    assert _outcome(decode_request, request, spec) == _outcome(decode_checked, request, spec)
+
+
+def test_plans_are_kept_per_spec_object_and_bounded():
+    plan = codec.plan_for(TINY)
+    assert codec.plan_for(TINY) is plan and plan.spec is TINY
+    twin = make_spec([("x", "FP32", (16,))], [("y", "FP32", (16,))], max_batch_size=256, name="tiny")
+    assert twin == TINY and codec.plan_for(twin) is not codec.plan_for(TINY)  # a reload's spec: its own plan
+    for size in range(1, 3 * codec._MAX_PLANS):
+        spec = make_spec([("x", "FP32", (size,))])
+        assert codec.plan_for(spec).spec is spec
+        assert len(codec._plans) <= codec._MAX_PLANS
+    assert codec.plan_for(make_spec([("x", "FP32", (-2,))])).inputs is None  # never the fast path's

@@ -9,6 +9,7 @@ converted to raw form with numpy so the worker sees one format.
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 
@@ -199,35 +200,119 @@ def _requested_outputs(request: inference_pb2.ModelInferRequest, spec: ModelSpec
     return names or known
 
 
-def _decode_common(request: inference_pb2.ModelInferRequest, spec: ModelSpec,
-                   raw: list[bytes]) -> list[WireTensor] | None:
-    """The common request in one pass: raw contents, inputs in config order without parameters,
-    fixed dims, no BYTES or BOOL. None for anything else, valid or not: `decode_request` then runs
-    every check and names what is wrong. What this accepts, those checks accept with the same result
-    (a positive byte count that the data matches also bounds the shape)."""
+_FIXED, _BOOL, _BYTES = 0, 1, 2  # how `_decode_fast` checks an input's bytes
+_BYTES_WALK_MAX = 64
+_LENGTH = struct.Struct("<I")
+
+
+class RequestPlan:
+    """What `decode_request`'s fast path checks a request against, computed once per ModelSpec object:
+    per input (name, datatype, label, full config shape, fixed dims without the batch dim or None when
+    one is -1, elements per row, bytes per element, kind); None when the spec has an input the fast path
+    cannot judge (a dim below -1, an unknown datatype)."""
+
+    __slots__ = ("inputs", "max_batch", "output_names", "spec")
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.max_batch = spec.max_batch_size
+        self.output_names = tuple(t.name for t in spec.outputs)
+        entries: list[tuple] | None = []
+        for cfg in spec.inputs:
+            if cfg.datatype not in NUMPY_DTYPES or any(d < -1 for d in cfg.dims):
+                entries = None
+                break
+            kind = {"BOOL": _BOOL, "BYTES": _BYTES}.get(cfg.datatype, _FIXED)
+            fixed = None if -1 in cfg.dims else list(cfg.dims)
+            entries.append((cfg.name, cfg.datatype, f"input '{cfg.name}'", list(config_shape(spec, cfg)), fixed,
+                            math.prod(cfg.dims), NUMPY_DTYPES[cfg.datatype].itemsize, kind))
+        self.inputs = tuple(entries) if entries else None
+
+
+_MAX_PLANS = 64  # specs are made per load and reload; a handful are live at a time
+_plans: dict[int, RequestPlan] = {}  # id(spec) -> its plan; the plan holds the spec, so the id stays its own
+
+
+def plan_for(spec: ModelSpec) -> RequestPlan:
+    """The spec's RequestPlan, cached per spec object (at most _MAX_PLANS: a reload makes a new spec)."""
+    plan = _plans.get(id(spec))
+    if plan is None:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        plan = _plans[id(spec)] = RequestPlan(spec)
+    return plan
+
+
+def _decode_fast(request: inference_pb2.ModelInferRequest, plan: RequestPlan,
+                 raw: list[bytes] | list[memoryview]) -> list[WireTensor] | None:
+    """The common request in one pass: raw contents only, inputs in config order without parameters, a
+    positive element count. None for anything else, valid or not, and never an exception: `decode_checked`
+    then runs every check and names what is wrong. What this accepts, those checks accept with the same
+    result (a positive byte count that the data matches also bounds the shape)."""
+    entries = plan.inputs
     inputs = request.inputs
-    if not raw or len(raw) != len(inputs) or len(inputs) != len(spec.inputs):
+    if entries is None or len(raw) != len(entries) or len(inputs) != len(entries):
         return None
-    max_batch = spec.max_batch_size
-    batch = None
+    max_batch = plan.max_batch
+    batch = 0
     decoded: list[WireTensor] = []
-    for cfg, tensor, data in zip(spec.inputs, inputs, raw):
-        if (tensor.name != cfg.name or tensor.datatype != cfg.datatype or cfg.datatype in ("BYTES", "BOOL")
-                or len(tensor.parameters) or tensor.HasField("contents") or min(cfg.dims, default=0) < 0):
+    for (name, datatype, label, expected, fixed, row, itemsize, kind), tensor, data in zip(entries, inputs, raw):
+        if tensor.name != name or tensor.datatype != datatype or tensor.parameters or tensor.HasField("contents"):
             return None
-        shape = tuple(tensor.shape)
+        shape = tensor.shape[:]
+        if len(shape) != len(expected):
+            return None
+        if fixed is None:  # a -1 dim: every dim positive, the others as configured
+            for got, want in zip(shape, expected):
+                if got <= 0 or (want != -1 and got != want):
+                    return None
+            count = math.prod(shape)
+        elif max_batch > 0:
+            if shape[1:] != fixed:
+                return None
+            count = shape[0] * row
+        else:
+            if shape != fixed:
+                return None
+            count = row
+        if count <= 0:  # also rules out a batch dim below 1 (the configured dims are >= 0 here)
+            return None
         if max_batch > 0:
-            if (len(shape) != len(cfg.dims) + 1 or shape[1:] != cfg.dims or not 0 < shape[0] <= max_batch
-                    or shape[0] != (batch or shape[0])):
+            if shape[0] > max_batch or (batch and shape[0] != batch):
                 return None
             batch = shape[0]
-        elif shape != cfg.dims:
+        if kind == _BYTES:
+            if not _bytes_cover(data, count, label):
+                return None
+        elif len(data) != count * itemsize or (kind == _BOOL and _bool_bytes_invalid(data)):
             return None
-        nbytes = math.prod(shape) * NUMPY_DTYPES[cfg.datatype].itemsize
-        if not nbytes or len(data) != nbytes:
-            return None
-        decoded.append(WireTensor(cfg.name, cfg.datatype, shape, data))
+        decoded.append(WireTensor(name, datatype, tuple(shape), data))
     return decoded
+
+
+def _bytes_cover(data: bytes | memoryview, count: int, label: str) -> bool:
+    """Whether raw BYTES data is exactly `count` length-prefixed elements (`tensors.check_bytes`'s rule);
+    a few elements are walked here, where numpy's setup would cost more than the walk."""
+    if count > _BYTES_WALK_MAX:
+        try:
+            tensors.check_bytes(data, count, label)
+        except InvalidArgument:
+            return False
+        return True
+    size = len(data)
+    offset = 0
+    for _ in range(count):
+        if offset + 4 > size:
+            return False
+        offset += 4 + _LENGTH.unpack_from(data, offset)[0]
+    return offset == size
+
+
+def _bool_bytes_invalid(data: bytes | memoryview) -> bool:
+    """Whether raw BOOL data has a byte other than 0 or 1."""
+    if isinstance(data, bytes):
+        return bool(data.translate(None, b"\x00\x01"))
+    return bool(np.frombuffer(data, dtype=np.uint8).max() > 1)
 
 
 def decode_request(
@@ -239,10 +324,21 @@ def decode_request(
     Raises InvalidArgument, naming the input and what was expected, for anything malformed.
     """
     if raw is None:
-        raw = list(request.raw_input_contents)  # each access copies out of the message: do it once
-    common = _decode_common(request, spec, raw)
-    if common is not None:
-        return common, _requested_outputs(request, spec)
+        raw = request.raw_input_contents[:]  # each access copies out of the message: do it once
+    plan = plan_for(spec)
+    decoded = _decode_fast(request, plan, raw)
+    if decoded is None:
+        return decode_checked(request, spec, raw)
+    return decoded, (list(plan.output_names) if not len(request.outputs) else _requested_outputs(request, spec))
+
+
+def decode_checked(
+    request: inference_pb2.ModelInferRequest, spec: ModelSpec, raw: list[bytes] | list[memoryview] | None = None
+) -> tuple[list[WireTensor], list[str]]:
+    """`decode_request` without its fast path: every check, in the order that decides which error a
+    malformed request gets."""
+    if raw is None:
+        raw = request.raw_input_contents[:]
     index_of = _check_names(request, spec)
     output_names = _requested_outputs(request, spec)
     if raw:

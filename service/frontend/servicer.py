@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -64,39 +65,46 @@ class InferRpcs(inference_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: InferRequest, context: Context) -> pb.ModelInferResponse:
         return await self._infer(request, context.time_remaining())
 
-    async def ModelStreamInfer(self, requests: AsyncIterator[InferRequest],
-                               context: Context) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests run concurrently; responses stream back as they finish, each echoing its request id."""
-        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+    async def ModelStreamInfer(self, requests: AsyncIterator[InferRequest], context: Context) -> None:
+        """Requests run concurrently, each in its own task, which writes its response when it is done
+        (echoing the request id; an error goes back in-stream and the stream stays open). Returns once
+        every response is written; cancelling the call cancels the requests in flight."""
+        responses = _Responses(context)
+        handler = asyncio.current_task()
         tasks: set[asyncio.Task[None]] = set()
+        broken: list[Exception] = []
 
         async def one(request: InferRequest) -> None:
+            task = asyncio.current_task()
             try:
-                response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
-            except Exception as exc:  # each request's error goes back in-stream; the stream stays open
-                _, message = status_of(exc)
-                m = request.message
-                response = pb.ModelStreamInferResponse(
-                    error_message=message, infer_response=pb.ModelInferResponse(
-                        model_name=m.model_name, model_version=m.model_version, id=m.id))
-            await done.put(response)
+                try:
+                    response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+                except Exception as exc:
+                    _, message = status_of(exc)
+                    m = request.message
+                    response = pb.ModelStreamInferResponse(
+                        error_message=message, infer_response=pb.ModelInferResponse(
+                            model_name=m.model_name, model_version=m.model_version, id=m.id))
+                await responses.send(response)
+            except Exception as exc:  # the call is broken: it ends with this error, as a write in the handler would
+                if not broken and handler is not None:
+                    broken.append(exc)
+                    handler.cancel()
+            finally:
+                tasks.discard(task)  # type: ignore[arg-type]
 
-        async def read_all() -> None:
+        try:
             async for request in requests:
                 task = asyncio.create_task(one(request))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks))
-            await done.put(None)
-
-        reader = asyncio.create_task(read_all())
-        try:
-            while (response := await done.get()) is not None:
-                yield response
+            if tasks:
+                await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            if broken:
+                raise broken[0] from None
+            raise
         finally:
-            reader.cancel()
-            for task in list(tasks):
+            for task in tasks:
                 task.cancel()
 
     async def _infer(self, parsed: InferRequest, timeout_s: float | None) -> pb.ModelInferResponse:
@@ -187,6 +195,31 @@ class InferenceServicer(InferRpcs):
         require_explicit(self._settings.model_control_mode)
         await self._models.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+class _Responses:
+    """A stream's responses, written one at a time (gRPC takes one write at a time per call) by the
+    request task that finished first: responses that finish during a write are written by the task
+    that holds it, in order, so no task waits on a lock of its own."""
+
+    __slots__ = ("_context", "_pending", "_writing")
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+        self._pending: deque[pb.ModelStreamInferResponse] = deque()
+        self._writing = False
+
+    async def send(self, response: pb.ModelStreamInferResponse) -> None:
+        """Write `response`, or leave it to the write in progress, which writes it next."""
+        self._pending.append(response)
+        if self._writing:
+            return
+        self._writing = True
+        try:
+            while self._pending:
+                await self._context.write(self._pending.popleft())
+        finally:
+            self._writing = False
 
 
 def _statistics(stats: dict) -> pb.ModelStatistics:
