@@ -158,10 +158,11 @@ def micro() -> list[tuple[str, str, float]]:
             await one()
         return (loop.time() - t0) / n * 1e6
 
+    plan = codec.RequestPlan(spec)
     rows = [
         ("frontend", "parse ModelInferRequest (protobuf, grpc deserializer)",
          _time(lambda: pb.ModelInferRequest.FromString(wire))),
-        ("frontend", "codec.decode_request", _time(lambda: codec.decode_request(request, spec))),
+        ("frontend", "codec.decode_request", _time(lambda: codec.decode_request(request, spec, None, plan))),
         ("frontend", "codec.encode_response + SerializeToString",
          _time(lambda: codec.encode_response(request, spec, outputs).SerializeToString())),
         ("frontend", "metrics.add_pending(+1, -1)", _time(lambda: (metrics.add_pending("tiny", 1, 1),

@@ -457,7 +457,7 @@ def _outcome(decode, request, spec, raw=None):
 
 def _fast(request, spec, raw=None) -> bool:
     raw = list(request.raw_input_contents) if raw is None else raw
-    return codec._decode_fast(request, codec.plan_for(spec), raw) is not None
+    return codec._decode_fast(request, codec.RequestPlan(spec), raw) is not None
 
 
 def _views(request) -> tuple[Request, list[memoryview]]:
@@ -643,12 +643,13 @@ def test_fast_and_full_path_agree_on_random_requests(data, spec):
 
 
 def test_plans_are_kept_per_spec_object_and_bounded():
-    plan = codec.plan_for(TINY)
-    assert codec.plan_for(TINY) is plan and plan.spec is TINY
+    plans = codec.RequestPlans(limit=8)
+    plan = plans.get(TINY)
+    assert plans.get(TINY) is plan and plan.spec is TINY
     twin = make_spec([("x", "FP32", (16,))], [("y", "FP32", (16,))], max_batch_size=256, name="tiny")
-    assert twin == TINY and codec.plan_for(twin) is not codec.plan_for(TINY)  # a reload's spec: its own plan
-    for size in range(1, 3 * codec._MAX_PLANS):
+    assert twin == TINY and plans.get(twin) is not plans.get(TINY)  # a reload's spec: its own plan
+    for size in range(1, 30):
         spec = make_spec([("x", "FP32", (size,))])
-        assert codec.plan_for(spec).spec is spec
-        assert len(codec._plans) <= codec._MAX_PLANS
-    assert codec.plan_for(make_spec([("x", "FP32", (-2,))])).inputs is None  # never the fast path's
+        assert plans.get(spec).spec is spec
+        assert len(plans) <= 8
+    assert plans.get(make_spec([("x", "FP32", (-2,))])).inputs is None  # never the fast path's

@@ -229,18 +229,25 @@ class RequestPlan:
         self.inputs = tuple(entries) if entries else None
 
 
-_MAX_PLANS = 64  # specs are made per load and reload; a handful are live at a time
-_plans: dict[int, RequestPlan] = {}  # id(spec) -> its plan; the plan holds the spec, so the id stays its own
+class RequestPlans:
+    """RequestPlans by ModelSpec object, for one servicer (a reload makes a new spec, hence a new plan;
+    at most `limit` kept: a handful of specs are live at a time). A plan holds its spec, so an id is not
+    reused while its plan is kept."""
 
+    def __init__(self, limit: int = 64) -> None:
+        self._plans: dict[int, RequestPlan] = {}
+        self._limit = limit
 
-def plan_for(spec: ModelSpec) -> RequestPlan:
-    """The spec's RequestPlan, cached per spec object (at most _MAX_PLANS: a reload makes a new spec)."""
-    plan = _plans.get(id(spec))
-    if plan is None:
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
-        plan = _plans[id(spec)] = RequestPlan(spec)
-    return plan
+    def get(self, spec: ModelSpec) -> RequestPlan:
+        plan = self._plans.get(id(spec))
+        if plan is None:
+            if len(self._plans) >= self._limit:
+                self._plans.clear()
+            plan = self._plans[id(spec)] = RequestPlan(spec)
+        return plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
 
 
 def _decode_fast(request: inference_pb2.ModelInferRequest, plan: RequestPlan,
@@ -316,16 +323,18 @@ def _bool_bytes_invalid(data: bytes | memoryview) -> bool:
 
 
 def decode_request(
-    request: inference_pb2.ModelInferRequest, spec: ModelSpec, raw: list[memoryview] | None = None
+    request: inference_pb2.ModelInferRequest, spec: ModelSpec, raw: list[memoryview] | None = None,
+    plan: RequestPlan | None = None,
 ) -> tuple[list[WireTensor], list[str]]:
     """The request's inputs in config order as raw tensors, and the output names to return. `raw`: the
-    raw contents when they were kept out of the message (`request_wire`).
+    raw contents when they were kept out of the message (`request_wire`); `plan`: the spec's RequestPlan
+    when the caller keeps one (`RequestPlans`), else one is made for this call.
 
     Raises InvalidArgument, naming the input and what was expected, for anything malformed.
     """
     if raw is None:
         raw = request.raw_input_contents[:]  # each access copies out of the message: do it once
-    plan = plan_for(spec)
+    plan = plan or RequestPlan(spec)
     decoded = _decode_fast(request, plan, raw)
     if decoded is None:
         return decode_checked(request, spec, raw)

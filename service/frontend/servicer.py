@@ -49,6 +49,7 @@ class InferRpcs(inference_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, models: Models, metrics: RequestMetrics) -> None:
         self._models = models
         self._metrics = metrics
+        self._plans = codec.RequestPlans()
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """The two RPCs' handlers by full method name; requests arrive as `InferRequest`s (their tensor
@@ -115,7 +116,7 @@ class InferRpcs(inference_pb2_grpc.GRPCInferenceServiceServicer):
         rows = 0
         status = "OK"
         try:
-            inputs, output_names = codec.decode_request(request, spec, parsed.raw)
+            inputs, output_names = codec.decode_request(request, spec, parsed.raw, self._plans.get(spec))
             rows = inputs[0].shape[0] if spec.max_batch_size > 0 and inputs else 1
             self._metrics.add_pending(spec.name, spec.version, 1)
             try:
