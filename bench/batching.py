@@ -2,20 +2,23 @@
 the engine alone in-process at the same executed batch sizes.
 
     .venv/bin/python -m bench.batching [--quick] [--seconds 8] [--clients 1,8,32] [--intra-op-threads N]
+        [--max-queue-delay-us US] [--preferred-batch-sizes 8,16,32]
 
-A tmp repository holds two copies of the example `mlp`: `mlp_batched` (dynamic batching, 2 ms
-window, preferred sizes 8/16/32) and `mlp_plain` (no dynamic batching); both warm a 64-row engine so
-no build lands in a measurement. For each point, N closed-loop tritonclient.grpc clients (threads of
-up to 4 processes) send batch-1 requests; the mean executed batch is read from the server's /metrics
-(trtserve_batch_size_sum / _count over the point, its 0.5 s warm-up included). The engine alone is
-an OnnxRuntimeBuilder engine of capacity 64 run in this process while the server idles, measured
-right after each point so that both see the same machine; its throughput at a fractional mean batch
-interpolates the time per run between the neighbouring integer batch sizes. Goal: at 32 clients with
-batching on, served inferences/s >= 80% of the engine alone at the mean executed batch. Clients,
+A tmp repository holds two copies of the example `mlp`: `mlp_batched` (dynamic batching, 2 ms window,
+preferred sizes 8/16/32 unless the flags say otherwise) and `mlp_plain` (no dynamic batching); both warm
+a 64-row engine so no build lands in a measurement. For each point, N closed-loop tritonclient.grpc
+clients (threads of up to 4 processes) send batch-1 requests; the mean executed batch is read from the
+server's /metrics (trtserve_batch_size_sum / _count over the point, its 0.5 s warm-up included). The
+engine alone is an OnnxRuntimeBuilder engine of capacity 64 run in this process while the server idles,
+measured right after each point so that both see the same machine; its throughput at a fractional mean
+batch interpolates the time per run between the neighbouring integer batch sizes. Goal: at 32 clients
+with batching on, served inferences/s >= 80% of the engine alone at the mean executed batch. Clients,
 frontend, worker and engine share the same cores, which is the deployment this measures.
-`--intra-op-threads N` configures the served engine and the engine alone alike (0: ONNX Runtime's
-default, one thread per core: the engine alone then has every core, which the served engine shares
-with the clients and the frontend).
+`--intra-op-threads N` configures the served engine and the engine alone alike. The default is 1: the
+engine alone then has one core, as the served engine has at most while clients and frontend use the
+others (0, ONNX Runtime's default of one thread per core, gives the engine alone every core, which the
+served engine shares with the clients and the frontend: a comparison of unequal machines). Side-by-side
+runs of the alternatives are in `bench/results/batching-settings-ab.md`.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ GOAL = 0.80
 CLIENT_PROCESSES = 4  # default; the clients' own GIL caps what one process of client threads sends
 RESULTS = Path(__file__).resolve().parent / "results" / "batching.md"
 DELAY_US = 2000  # the batching window (max_queue_delay_microseconds) unless --max-queue-delay-us says otherwise
+INTRA_OP_THREADS = 1
 WARMUP = "engine_policy { warmup_batch_sizes: [ 64 ] }\n"
 MODELS = {"on": "mlp_batched", "off": "mlp_plain"}
 
 
-def batching_config(delay_us: int) -> str:
-    return f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} preferred_batch_size: [ 8, 16, 32 ] }}\n"
+def batching_config(delay_us: int, preferred: tuple[int, ...] = ()) -> str:
+    sizes = f" preferred_batch_size: [ {', '.join(map(str, preferred))} ]" if preferred else ""
+    return f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us}{sizes} }}\n"
 
 
 @dataclass
@@ -66,11 +71,11 @@ class Point:
         return self.rps / self.engine_rps
 
 
-def make_repo(root: Path, delay_us: int = DELAY_US) -> Path:
+def make_repo(root: Path, delay_us: int = DELAY_US, preferred: tuple[int, ...] = ()) -> Path:
     """Two copies of the example mlp (copied: the server refuses model files outside its repository)."""
     src = EXAMPLES / "mlp"
     base = (src / "config.pbtxt").read_text().replace('name: "mlp"', "name: \"{name}\"")
-    for name, extra in ((MODELS["on"], batching_config(delay_us) + WARMUP), (MODELS["off"], WARMUP)):
+    for name, extra in ((MODELS["on"], batching_config(delay_us, preferred) + WARMUP), (MODELS["off"], WARMUP)):
         (root / name / "1").mkdir(parents=True)
         (root / name / "config.pbtxt").write_text(base.replace("{name}", name) + extra)
         try:
@@ -150,10 +155,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds per point (default 8)")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--frontend-processes", type=int, default=1, help="the server's --frontend-processes")
-    parser.add_argument("--intra-op-threads", type=int, default=0,
-                        help="ONNX Runtime threads of the served engine and of the engine alone (0: default)")
+    parser.add_argument("--intra-op-threads", type=int, default=INTRA_OP_THREADS,
+                        help="ONNX Runtime threads of the served engine and of the engine alone "
+                             "(0: ONNX Runtime's default, one per core)")
     parser.add_argument("--max-queue-delay-us", type=int, default=DELAY_US,
                         help="the batching window of mlp_batched (max_queue_delay_microseconds)")
+    parser.add_argument("--preferred-batch-sizes", default="8,16,32",
+                        help="comma-separated preferred_batch_size of mlp_batched ('' for none)")
     parser.add_argument("--client-processes", type=int, default=CLIENT_PROCESSES,
                         help="load generator processes the clients are spread over (at most one per client)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the report (markdown) to write")
@@ -161,9 +169,10 @@ def main() -> None:
     seconds = args.seconds or (3.0 if args.quick else 8.0)
     load_before = os.getloadavg()[0]  # other work on the machine skews every number; say so
     counts = [int(c) for c in args.clients.split(",")]
+    preferred = tuple(int(b) for b in args.preferred_batch_sizes.split(",") if b)
     points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="trtserve-bench-") as tmp:
-        repo = make_repo(Path(tmp), args.max_queue_delay_us)
+        repo = make_repo(Path(tmp), args.max_queue_delay_us, preferred)
         engine = EngineAlone(repo, seconds=0.75 if args.quick else 2.0, intra_op_threads=args.intra_op_threads)
         with start(repo, ["--frontend-processes", str(args.frontend_processes),
                           "--intra-op-threads", str(args.intra_op_threads)]) as server:
@@ -188,10 +197,12 @@ def main() -> None:
         "# Dynamic batching: mlp, batch-1 requests", "",
         f"`.venv/bin/python -m bench.batching{' --quick' if args.quick else ''} --frontend-processes "
         f"{args.frontend_processes} --intra-op-threads {args.intra_op_threads} --max-queue-delay-us "
-        f"{args.max_queue_delay_us} --client-processes {args.client_processes}"
+        f"{args.max_queue_delay_us} --preferred-batch-sizes '{args.preferred_batch_sizes}' "
+        f"--client-processes {args.client_processes}"
         f"{'' if args.out == RESULTS else f' --out {args.out}'}`: {seconds:g} s per point, "
         f"{os.cpu_count()} CPUs shared by clients, server and engine (1-minute load average before/after: "
-        f"{load_before:.1f}/{load_after:.1f}); max_queue_delay {args.max_queue_delay_us} µs, preferred 8/16/32.",
+        f"{load_before:.1f}/{load_after:.1f}); max_queue_delay {args.max_queue_delay_us} µs, preferred "
+        f"{'/'.join(map(str, preferred)) or 'none'}.",
         "", table(points), "", verdict, ""])
     print()
     print(report)

@@ -29,8 +29,9 @@ step shapes && { timeout 60 $py -m bench.cuda_shapes --out "$out/cuda_shapes.md"
 step gpu && { timeout 300 $py -m bench.gpu --seconds 8 --frontend-processes "${FRONTENDS:-1,4,8}" --out "$out" \
     ${PY_SPY:+--py-spy "$PY_SPY"} ${COMPARE:+--compare-with "$COMPARE"} > "$out/gpu.log" 2>&1
     echo "bench.gpu: exit $?"; }
-step batching && for n in 1 4; do
-    timeout 150 $py -m bench.batching --quick --frontend-processes $n > "$out/batching-$n.log" 2>&1
-    echo "bench.batching --frontend-processes $n (CPU cores of the GPU machine): exit $?"
-    cp bench/results/batching.md "$out/batching-16core-${n}fe.md" 2>/dev/null
+# issue 5's benchmark with 4 frontend processes, 1 and 4 ONNX Runtime threads (BATCHING_CLIENTS: 1,8,32 for all)
+step batching && for t in 1 4; do
+    timeout 150 $py -m bench.batching --quick --frontend-processes 4 --intra-op-threads $t \
+        --clients "${BATCHING_CLIENTS:-32}" --out "$out/batching-16core-4fe-${t}t.md" > "$out/batching-$t.log" 2>&1
+    echo "bench.batching --frontend-processes 4 --intra-op-threads $t (CPU cores of the GPU machine): exit $?"
 done
