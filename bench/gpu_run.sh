@@ -32,6 +32,6 @@ step gpu && { timeout 300 $py -m bench.gpu --seconds 8 --frontend-processes "${F
 # issue 5's benchmark with 4 frontend processes, 1 and 4 ONNX Runtime threads (BATCHING_CLIENTS: 1,8,32 for all)
 step batching && for t in 1 4; do
     timeout 150 $py -m bench.batching --quick --frontend-processes 4 --intra-op-threads $t \
-        --clients "${BATCHING_CLIENTS:-32}" --out "$out/batching-16core-4fe-${t}t.md" > "$out/batching-$t.log" 2>&1
+        --clients "${BATCHING_CLIENTS:-32}" --out "$out/batching-$(nproc)core-4fe-${t}t.md" > "$out/batching-$t.log" 2>&1
     echo "bench.batching --frontend-processes 4 --intra-op-threads $t (CPU cores of the GPU machine): exit $?"
 done
