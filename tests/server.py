@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,3 +130,13 @@ def separate_client(url: str) -> grpcclient.InferenceServerClient:
     return grpcclient.InferenceServerClient(url, channel_args=[
         ("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
         ("grpc.use_local_subchannel_pool", 1)])
+
+
+def copy_model(source_repo: Path, name: str, repo: Path, new_name: str) -> Path:
+    """Copy example model `name` into `repo` as `new_name` (config renamed, model file copied); the model dir."""
+    target = repo / new_name
+    (target / "1").mkdir(parents=True)
+    shutil.copy(source_repo / name / "1" / "model.onnx", target / "1" / "model.onnx")
+    config = (source_repo / name / "config.pbtxt").read_text().replace(f'name: "{name}"', f'name: "{new_name}"')
+    (target / "config.pbtxt").write_text(config)
+    return target

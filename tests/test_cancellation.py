@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import queue
-import shutil
 import time
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from tests.server import start
+from tests.server import copy_model, start
 
 
 def test_cancelled_request_is_dropped_from_the_queue(tmp_path, example_repo):
     repo = tmp_path / "repo"
-    (repo / "slow" / "1").mkdir(parents=True)
-    shutil.copy(example_repo / "convnet" / "1" / "model.onnx", repo / "slow" / "1" / "model.onnx")
-    config = (example_repo / "convnet" / "config.pbtxt").read_text().replace('name: "convnet"', 'name: "slow"')
-    (repo / "slow" / "config.pbtxt").write_text(config)
+    copy_model(example_repo, "convnet", repo, "slow")
     with start(repo, ["--intra-op-threads", "1"]) as server:
         client = grpcclient.InferenceServerClient(server.url)
         x = np.random.default_rng(0).standard_normal((32, 16, 32, 32), dtype=np.float32)

@@ -5,7 +5,6 @@ cancels the requests in flight."""
 from __future__ import annotations
 
 import queue
-import shutil
 import threading
 import time
 
@@ -14,7 +13,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.reference import make_inputs, reference_outputs
-from tests.server import EXAMPLES, metric_value, start
+from tests.server import EXAMPLES, copy_model, metric_value, start
 
 Request = service_pb2.ModelInferRequest
 Tensor = service_pb2.ModelInferRequest.InferInputTensor
@@ -92,10 +91,7 @@ def test_stream_slow_request_does_not_hold_back_later_ones(server):
 
 def test_cancelling_the_stream_cancels_its_requests_in_flight(tmp_path, example_repo):
     repo = tmp_path / "repo"
-    (repo / "slow" / "1").mkdir(parents=True)
-    shutil.copy(example_repo / "convnet" / "1" / "model.onnx", repo / "slow" / "1" / "model.onnx")
-    config = (example_repo / "convnet" / "config.pbtxt").read_text().replace('name: "convnet"', 'name: "slow"')
-    (repo / "slow" / "config.pbtxt").write_text(config)
+    copy_model(example_repo, "convnet", repo, "slow")
     with start(repo, ["--intra-op-threads", "1"]) as server, grpc.insecure_channel(server.url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         x = make_inputs("convnet", 32)["x"]
