@@ -96,7 +96,7 @@ def micro() -> list[tuple[str, str, float]]:
 
     infer_body = infer_frame()[4:]  # as the worker receives it (length prefix split off)
     result_body = frames.encode_result(1234, [(0, (1, 16), 64, 64, False)])[4:]
-    # A worker report as it comes under load: one entry per executed batch over 100 ms (70 at 700 batches/s).
+    # A worker report as it comes under load: the executed batches of 100 ms (70 at 700 batches/s), aggregated.
     stats = WorkerStats()
     stats.set_engines(1, 1, 0)
     stats.set_pool({"host": 128, "pinned": 0, "device": 0}, 0)
@@ -171,15 +171,15 @@ def micro() -> list[tuple[str, str, float]]:
         ("frontend", "FrameCodec.encode_infer (binary INFER)", _time(infer_frame)),
         ("frontend", "FrameCodec.decode_result (binary RESULT)", _time(parent_receive)),
         ("frontend", "asyncio future round trip (create, set, await)", asyncio.run(futures())),
-        ("frontend", f"worker stats, per executed batch: JSON decode + validate + apply (report of {REPORT_BATCHES})",
-         _time(stats_apply, 100) / REPORT_BATCHES),
+        ("frontend", "worker stats, per executed batch: its share of decoding, validating, applying a report "
+         f"of {REPORT_BATCHES}", _time(stats_apply, 100) / REPORT_BATCHES),
         ("worker", "FrameCodec.decode_infer + to_array", _time(worker_receive)),
-        ("worker", "worker stats, per executed batch: record_exec + JSON report",
+        ("worker", "worker stats, per executed batch: record_exec + its share of the JSON report",
          _time(worker_report, 100) / REPORT_BATCHES),
         ("worker", "ModelRuntime.run([1 item]) (pool + registry + IOBinding run)",
          _time(lambda: runtime.run([Item(1, {"x": x})]), 1000)),
         ("worker", "  of which registry.execute(1)", _time(lambda: runtime.registry.execute(1, views), 1000)),
-        ("worker", "  of which engine.run_into (new IOBinding per call)",
+        ("worker", "  of which engine.run_into (cached IOBinding: key, checks, run)",
          _time(lambda: engine.run_into(views.inputs, views.outputs), 1000)),
         ("worker", "  reference: session.run_with_iobinding, binding reused",
          _time(lambda: session.run_with_iobinding(binding))),
