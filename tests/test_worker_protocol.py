@@ -238,9 +238,8 @@ def _answers(ends: SimpleNamespace, channel: Channel) -> list[bytes]:
 
 
 def _runtime(spec: ModelSpec) -> SimpleNamespace:
-    """What `_dispatch` asks of the runtime: the spec and, for a request of no rows, the empty outputs."""
+    """What `_dispatch` asks of the runtime: for a request of no rows, the empty outputs."""
     return SimpleNamespace(
-        spec=spec,
         empty_outputs=lambda: {
             t.name: np.empty((0, *t.dims), dtype=tensors.numpy_dtype(t.datatype)) for t in spec.outputs
         },
@@ -249,7 +248,7 @@ def _runtime(spec: ModelSpec) -> SimpleNamespace:
 
 def _receive(channel: Channel, frame: bytes, spec: ModelSpec = TINY) -> DynamicBatcher:
     batcher = DynamicBatcher(BatcherSettings(model=spec.name, max_batch_size=spec.max_batch_size))
-    _dispatch(channel, _body(frame), _runtime(spec), batcher, running=[], batched=spec.max_batch_size > 0, pongs=[])
+    _dispatch(channel, _body(frame), protocol.FrameCodec(spec), _runtime(spec), batcher, running=[], pongs=[])
     return batcher
 
 
@@ -330,16 +329,17 @@ def test_a_request_of_no_rows_is_answered_at_once_with_empty_outputs(frontend):
 
 
 def _job(channel: Channel, spec: ModelSpec, outputs: list[str], out_offset: int, out_nbytes: int) -> _Job:
-    codec = channel.codec = protocol.FrameCodec(spec)
+    codec = protocol.FrameCodec(spec)
     request = protocol.InferRequest(21, None, [], [codec._output_index[n] for n in outputs], out_offset, out_nbytes)
-    return _Job(21, request, 1, {}, channel)
+    return _Job(request, 1, {}, channel)
 
 
 def test_reply_writes_what_fits_into_the_arena_and_the_rest_inline(frontend):
     channel = frontend.channel()
     total = np.array([[36]], dtype=np.int64)
     scaled = np.array([[0.5, 1.0, 1.5, 2.0]], dtype=np.float16)
-    _reply(MIXED, _job(channel, MIXED, ["sum", "scaled"], 1024, 8), {"sum": total, "scaled": scaled})
+    job = _job(channel, MIXED, ["sum", "scaled"], 1024, 8)
+    _reply(protocol.FrameCodec(MIXED), job, {"sum": total, "scaled": scaled})
     (answer,) = _answers(frontend, channel)
     request_id, slots, payload = protocol.FrameCodec(MIXED).decode_result(answer)
     assert request_id == 21 and slots == [(0, (1, 1), 1024, 8, False), (1, (1, 4), 0, 8, True)]
@@ -350,7 +350,7 @@ def test_reply_writes_what_fits_into_the_arena_and_the_rest_inline(frontend):
 def test_reply_sends_bytes_outputs_inline(frontend):
     channel = frontend.channel()
     text = np.array([b"hello", b"", "wörld".encode()], dtype=object)
-    _reply(SCALARS, _job(channel, SCALARS, ["text", "o"], 0, 4), {"o": np.int32(7), "text": text})
+    _reply(protocol.FrameCodec(SCALARS), _job(channel, SCALARS, ["text", "o"], 0, 4), {"o": np.int32(7), "text": text})
     (answer,) = _answers(frontend, channel)
     _, slots, payload = protocol.FrameCodec(SCALARS).decode_result(answer)
     assert slots == [(1, (3,), 0, len(payload), True), (0, (), 0, 4, False)]

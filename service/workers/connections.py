@@ -33,7 +33,6 @@ class Channel:
         self.buf = shm.buf if shm is not None else None
         self.primary = primary
         self.closed = False
-        self.codec: protocol.FrameCodec | None = None  # the model's INFER/RESULT layout, set by the worker
         self._inbox = bytearray()
         self._outbox: list[bytes] = []
 

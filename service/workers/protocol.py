@@ -99,7 +99,8 @@ class FrameCodec:
     """Encodes and decodes the INFER and RESULT frames of one model, with its spec's tables built once."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        batch = 1 if spec.max_batch_size > 0 else 0
+        self.batched = spec.max_batch_size > 0
+        batch = 1 if self.batched else 0
         self.spec = spec
         self.inputs = spec.inputs
         self.outputs = spec.outputs

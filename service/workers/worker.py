@@ -58,11 +58,14 @@ class WorkerOptions:
 class _Job:
     """One request as the worker holds it: the frontend's INFER, its input views, where to answer."""
 
-    id: int
     request: protocol.InferRequest
     rows: int
     inputs: dict[str, np.ndarray]
     channel: Channel
+
+    @property
+    def id(self) -> int:
+        return self.request.id
 
 
 def main(spec: ModelSpec, options: WorkerOptions, conn: Connection, arena_name: str,
@@ -114,11 +117,11 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
     running: deque[_Running] = deque()  # oldest first; the engine thread runs them in this order
     pongs: list[int] = []
     last_stats, last_flush, wait = 0.0, 0.0, 0.0
-    batched = runtime.spec.max_batch_size > 0
+    codec = protocol.FrameCodec(runtime.spec)  # the model's INFER/RESULT layouts, for every frontend
     try:
         while True:
             for channel, frame in conns.receive(wait):
-                _dispatch(channel, frame, runtime, batcher, running, batched, pongs)
+                _dispatch(channel, frame, codec, runtime, batcher, running, pongs)
             finished: list[_Running] = []
             while running and running[0].future.done():
                 finished.append(running.popleft())
@@ -130,7 +133,7 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
             if not running:
                 if batcher.closed and not batcher.queued_requests:
                     for done in finished:
-                        _finish(done, runtime.spec, stats)
+                        _finish(done, codec, stats)
                     break
             if _may_start(running, batcher, runtime):
                 batch = batcher.next_batch(timeout=0)
@@ -140,7 +143,7 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
                 if batch.requests:
                     running.append(_start(engine, runtime, batch.requests, conns, inline_ok=not running))
             for done in finished:  # answered while the engine runs the next batch
-                _finish(done, runtime.spec, stats)
+                _finish(done, codec, stats)
             now = time.monotonic()
             if now - last_stats >= STATS_INTERVAL_S:
                 runtime.refresh_gauges()
@@ -192,13 +195,10 @@ def _pin(runtime: ModelRuntime, conns: Connections, idle: bool) -> None:
         conns.closed.clear()
 
 
-def _dispatch(channel: Channel, frame: bytes, runtime: ModelRuntime, batcher: DynamicBatcher,
-              running: deque[_Running], batched: bool, pongs: list[int]) -> None:
+def _dispatch(channel: Channel, frame: bytes, codec: protocol.FrameCodec, runtime: ModelRuntime,
+              batcher: DynamicBatcher, running: deque[_Running], pongs: list[int]) -> None:
     """One frame from a frontend: a request to queue, a cancellation, or (from the parent) a ping or the stop.
     A malformed request is answered with an error; a frame that names no request drops its frontend."""
-    codec = channel.codec
-    if codec is None:
-        codec = channel.codec = protocol.FrameCodec(runtime.spec)
     if protocol.is_infer(frame):
         try:
             request = codec.decode_infer(frame)
@@ -208,7 +208,7 @@ def _dispatch(channel: Channel, frame: bytes, runtime: ModelRuntime, batcher: Dy
             else:
                 channel.error(exc.request_id, InternalError(f"malformed request from the frontend: {exc}"))
             return
-        _submit(channel, request, runtime, batcher, batched)
+        _submit(channel, request, codec, runtime, batcher)
         return
     try:
         header, _ = protocol.decode(frame)
@@ -235,10 +235,10 @@ def _unattributable(channel: Channel, problem: str) -> None:
     channel.abandon()
 
 
-def _submit(channel: Channel, request: protocol.InferRequest, runtime: ModelRuntime, batcher: DynamicBatcher,
-            batched: bool) -> None:
+def _submit(channel: Channel, request: protocol.InferRequest, codec: protocol.FrameCodec, runtime: ModelRuntime,
+            batcher: DynamicBatcher) -> None:
     try:
-        buf, spec_inputs = channel.buf, runtime.spec.inputs
+        buf, spec_inputs = channel.buf, codec.inputs
         if request.out_offset + request.out_nbytes > buf.nbytes:
             raise InternalError(f"malformed request from the frontend: output room {request.out_offset}+"
                                 f"{request.out_nbytes} is outside its {buf.nbytes}-byte arena")
@@ -246,10 +246,10 @@ def _submit(channel: Channel, request: protocol.InferRequest, runtime: ModelRunt
         for index, shape, offset, nbytes in request.inputs:
             t = spec_inputs[index]
             inputs[t.name] = tensors.to_array(t.datatype, shape, buf[offset:offset + nbytes], name=t.name)
-        rows = request.inputs[0][1][0] if batched and request.inputs else 1
-        job = _Job(request.id, request, rows, inputs, channel)
+        rows = request.inputs[0][1][0] if codec.batched and request.inputs else 1
+        job = _Job(request, rows, inputs, channel)
         if rows == 0:  # an empty batch needs no engine
-            _reply(runtime.spec, job, runtime.empty_outputs())
+            _reply(codec, job, runtime.empty_outputs())
             return
         timeout = request.timeout_s
         deadline = time.monotonic() + timeout if timeout is not None else None
@@ -332,7 +332,7 @@ def _execute(runtime: ModelRuntime, prepared: Prepared) -> list[Any]:
     return executions
 
 
-def _finish(running: _Running, spec: ModelSpec, stats: WorkerStats) -> None:
+def _finish(running: _Running, codec: protocol.FrameCodec, stats: WorkerStats) -> None:
     """Answer every request of a finished batch (outputs, or the batch's error) and record it."""
     jobs, items = running.jobs, running.items
     try:
@@ -349,17 +349,16 @@ def _finish(running: _Running, spec: ModelSpec, stats: WorkerStats) -> None:
         if item.error is not None:
             job.channel.error(job.id, item.error)
         else:
-            _reply(spec, job, item.outputs)
+            _reply(codec, job, item.outputs)
         job.inputs = {}  # drop views of the frontend's block once answered
     reply_s = (time.perf_counter() - t0) / max(len(executions), 1)
     for ex in executions:
         stats.record_exec(ex.rows, [i.queued_s for i in ex.items], ex.input_s, ex.infer_s, ex.output_s + reply_s)
 
 
-def _reply(spec: ModelSpec, job: _Job, outputs: dict[str, np.ndarray]) -> None:
+def _reply(codec: protocol.FrameCodec, job: _Job, outputs: dict[str, np.ndarray]) -> None:
     """Copy the requested outputs into the request's block (what does not fit travels inline) and answer."""
     channel, buf, request = job.channel, job.channel.buf, job.request
-    codec = channel.codec
     specs, datatypes = codec.outputs, codec.output_datatypes  # built once per model, not per reply
     offset, end = request.out_offset, request.out_offset + request.out_nbytes
     slots: list[protocol.OutputSlot] = []
