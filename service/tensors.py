@@ -76,6 +76,9 @@ def _byte_view(buf: object) -> memoryview:
     return view
 
 
+_BYTES_LOOP_MAX = 64  # BYTES elements walked one by one even when they share a length
+
+
 def _bytes_spans(view: memoryview, count: int, name: str) -> tuple[Sequence[int], Sequence[int]]:
     """Start and end offsets of each BYTES element; InvalidArgument unless the prefixes cover `view` exactly."""
     size = view.nbytes
@@ -88,10 +91,11 @@ def _bytes_spans(view: memoryview, count: int, name: str) -> tuple[Sequence[int]
         if size:
             raise InvalidArgument(f"{name}: expected 0 BYTES elements, got {size} bytes")
         return (), ()
-    # Fast path: every element has the same length (fixed-width ids, tokens): checked without a loop.
+    # Fast path for many elements of one length (fixed-width ids, tokens): checked without a loop. For a
+    # few, numpy's setup costs more than the loop below.
     first = _LEN.unpack_from(view, 0)[0]
     stride = 4 + first
-    if stride * count == size:
+    if count > _BYTES_LOOP_MAX and stride * count == size:
         rows = np.frombuffer(view, dtype=np.uint8).reshape(count, stride)[:, :4]
         if (rows == np.frombuffer(_LEN.pack(first), dtype=np.uint8)).all():
             return range(4, size + 4, stride), range(stride, size + 1, stride)

@@ -9,7 +9,6 @@ converted to raw form with numpy so the worker sees one format.
 from __future__ import annotations
 
 import math
-import struct
 
 import numpy as np
 
@@ -201,8 +200,6 @@ def _requested_outputs(request: inference_pb2.ModelInferRequest, spec: ModelSpec
 
 
 _FIXED, _BOOL, _BYTES = 0, 1, 2  # how `_decode_fast` checks an input's bytes
-_BYTES_WALK_MAX = 64
-_LENGTH = struct.Struct("<I")
 
 
 class RequestPlan:
@@ -298,21 +295,12 @@ def _decode_fast(request: inference_pb2.ModelInferRequest, plan: RequestPlan,
 
 
 def _bytes_cover(data: bytes | memoryview, count: int, label: str) -> bool:
-    """Whether raw BYTES data is exactly `count` length-prefixed elements (`tensors.check_bytes`'s rule);
-    a few elements are walked here, where numpy's setup would cost more than the walk."""
-    if count > _BYTES_WALK_MAX:
-        try:
-            tensors.check_bytes(data, count, label)
-        except InvalidArgument:
-            return False
-        return True
-    size = len(data)
-    offset = 0
-    for _ in range(count):
-        if offset + 4 > size:
-            return False
-        offset += 4 + _LENGTH.unpack_from(data, offset)[0]
-    return offset == size
+    """Whether raw BYTES data is exactly `count` length-prefixed elements (`tensors.check_bytes`'s rule)."""
+    try:
+        tensors.check_bytes(data, count, label)
+    except InvalidArgument:
+        return False
+    return True
 
 
 def _bool_bytes_invalid(data: bytes | memoryview) -> bool:
