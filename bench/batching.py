@@ -4,16 +4,18 @@ the engine alone in-process at the same executed batch sizes.
     .venv/bin/python -m bench.batching [--quick] [--seconds 8] [--clients 1,8,32] [--intra-op-threads N]
         [--max-queue-delay-us US] [--preferred-batch-sizes 8,16,32]
 
-A tmp repository holds two copies of the example `mlp`: `mlp_batched` (dynamic batching, 2 ms window,
-preferred sizes 8/16/32 unless the flags say otherwise) and `mlp_plain` (no dynamic batching); both warm
-a 64-row engine so no build lands in a measurement. For each point, N closed-loop tritonclient.grpc
-clients (threads of up to 4 processes) send batch-1 requests; the mean executed batch is read from the
-server's /metrics (trtserve_batch_size_sum / _count over the point, its 0.5 s warm-up included). The
-engine alone is an OnnxRuntimeBuilder engine of capacity 64 run in this process while the server idles,
-measured right after each point so that both see the same machine; its throughput at a fractional mean
-batch interpolates the time per run between the neighbouring integer batch sizes. Goal: at 32 clients
-with batching on, served inferences/s >= 80% of the engine alone at the mean executed batch. Clients,
-frontend, worker and engine share the same cores, which is the deployment this measures.
+A tmp repository holds two copies of the example `mlp`: `mlp_batched` (dynamic batching with Triton's
+defaults, no window and no preferred sizes, unless the flags say otherwise) and `mlp_plain` (no dynamic
+batching); both warm a 64-row engine so no build lands in a measurement. For each point, N closed-loop
+tritonclient.grpc clients (threads of up to 4 processes) send batch-1 requests; the mean executed batch
+and the served engine's time per run are read from the server's /metrics over the point (its 0.5 s
+warm-up included). The engine alone is an OnnxRuntimeBuilder engine of capacity 64 run in this process
+while the server idles, right after each point so that both see the same machine, in alternating rounds
+(`EngineAlone`); its throughput at a fractional mean batch interpolates the time per run between the
+neighbouring integer batch sizes. Goal: at 32 clients with batching on, served inferences/s >= 80% of
+the engine alone at the mean executed batch. Clients, frontend, worker and engine share the same cores.
+The table takes the ratio apart: served / alone = (share of the time the served engine was busy) x
+(engine alone's time per run / served engine's time per run).
 `--intra-op-threads N` configures the served engine and the engine alone alike. The default is 1: the
 engine alone then has one core, as the served engine has at most while clients and frontend use the
 others (0, ONNX Runtime's default of one thread per core, gives the engine alone every core, which the
@@ -44,7 +46,11 @@ from tests.server import EXAMPLES, ServerProcess, start
 GOAL = 0.80
 CLIENT_PROCESSES = 4  # default; the clients' own GIL caps what one process of client threads sends
 RESULTS = Path(__file__).resolve().parent / "results" / "batching.md"
-DELAY_US = 2000  # the batching window (max_queue_delay_microseconds) unless --max-queue-delay-us says otherwise
+# The batching window (max_queue_delay_microseconds): Triton's default of 0, batches form from what queued
+# while the engine ran. With 32 closed-loop clients the window and preferred sizes changed little: 16 cores,
+# one thread, 4 alternating rounds, 0 us 3927-5212 against 2000 us + preferred 8/16/32 4382-4481
+# inferences/s (gpu/runs/16, 17); 2 cores: level (batching-settings-ab.md).
+DELAY_US = 0
 INTRA_OP_THREADS = 1
 WARMUP = "engine_policy { warmup_batch_sizes: [ 64 ] }\n"
 MODELS = {"on": "mlp_batched", "off": "mlp_plain"}
@@ -64,7 +70,11 @@ class Point:
     p99_ms: float
     errors: int
     mean_batch: float
+    busy: float  # share of the measured time the served engine spent running batches
+    run_ms: float  # the served engine's mean time per executed batch
     engine_rps: float = math.nan
+    engine_run_ms: float = math.nan  # the engine alone's time per run at the mean executed batch (median)
+    engine_spread_ms: tuple[float, float] = (math.nan, math.nan)  # its fastest and slowest round
 
     @property
     def ratio(self) -> float:
@@ -85,68 +95,107 @@ def make_repo(root: Path, delay_us: int = DELAY_US, preferred: tuple[int, ...] =
     return root
 
 
-def batch_histogram(server: ServerProcess, model: str) -> tuple[float, float]:
-    """(sum, count) of the executed batch sizes of `model` so far."""
+@dataclass(frozen=True)
+class Counts:
+    """What the server's /metrics says about `model` at one moment."""
+
+    rows: float  # trtserve_batch_size_sum: rows executed
+    batches: float  # trtserve_batch_size_count: batches executed
+    infer_s: float  # trtserve_compute_duration_seconds_sum{phase="infer"}: time the engine ran
+
+
+def scrape(server: ServerProcess, model: str) -> Counts:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    values = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-              if s.labels.get("model") == model}
-    return values["trtserve_batch_size_sum"], values["trtserve_batch_size_count"]
+    values = {(s.name, s.labels.get("phase")): s.value for fam in text_string_to_metric_families(text)
+              for s in fam.samples if s.labels.get("model") == model}
+    return Counts(values[("trtserve_batch_size_sum", None)],
+                  values[("trtserve_batch_size_count", None)],
+                  values[("trtserve_compute_duration_seconds_sum", "infer")])
 
 
 def serve_point(server: ServerProcess, mode: str, clients: int, seconds: float,
                 client_processes: int = CLIENT_PROCESSES) -> Point:
     model = MODELS[mode]
     x = np.random.default_rng(clients).standard_normal((1, 1024), dtype=np.float32)
-    s0, c0 = batch_histogram(server, model)
+    before = scrape(server, model)
     # Client threads spread over up to 4 processes, as in bench.overhead: one process of tritonclient
     # threads is capped by its own GIL well below what the server can take.
     result = run_load_processes(server.url, model, {"x": x}, clients, seconds, {"x": "FP32"},
                                 processes=min(clients, client_processes))
     time.sleep(0.3)  # the worker's last stats report (every 0.1 s)
-    s1, c1 = batch_histogram(server, model)
-    mean = (s1 - s0) / (c1 - c0) if c1 > c0 else math.nan
-    return Point(mode, clients, result.rps, result.percentile_ms(50), result.percentile_ms(99), result.errors, mean)
+    after = scrape(server, model)
+    batches = after.batches - before.batches
+    mean = (after.rows - before.rows) / batches if batches else math.nan
+    run_s = (after.infer_s - before.infer_s) / batches if batches else math.nan
+    busy = result.rps / mean * run_s  # batches per second of the measured load x time per batch
+    run_ms = run_s * 1e3
+    return Point(mode, clients, result.rps, result.percentile_ms(50), result.percentile_ms(99), result.errors, mean,
+                 busy, run_ms)
 
 
 class EngineAlone:
-    """The mlp engine in this process; seconds per run at a batch size, measured once per size."""
+    """The mlp engine in this process, timed at the batch sizes a point needs.
+
+    The time per run of `mlp` is bound by memory bandwidth (32 MB of weights per run), which other work on
+    a shared machine takes a varying share of: single 0.75 s measurements of one VM moved by a third. So
+    each size is timed in ROUNDS short rounds, the two neighbouring sizes alternating, and the median of the
+    rounds' medians is used; the rounds' spread is reported with it."""
+
+    ROUNDS = 5
 
     def __init__(self, repo: Path, seconds: float, intra_op_threads: int = 0) -> None:
         spec = ModelRepository(repo).load_spec(MODELS["on"])
         self.engine = OnnxRuntimeBuilder(spec, intra_op_threads=intra_op_threads).build(64)
-        self.seconds = seconds
+        self.seconds = seconds  # per batch size, over all rounds
 
-    def time_per_run(self, batch: int) -> float:
-        """Median seconds per run over `seconds` of runs (measured anew: the machine may have changed)."""
-        x = {"x": np.random.default_rng(batch).standard_normal((batch, 1024), dtype=np.float32)}
-        for _ in range(3):
-            self.engine.run(x)
+    def _round(self, x: dict[str, np.ndarray], seconds: float) -> float:
+        """Median seconds per run over `seconds` of runs (at least 5)."""
         times: list[float] = []
-        stop = time.perf_counter() + self.seconds
+        stop = time.perf_counter() + seconds
         while time.perf_counter() < stop or len(times) < 5:
             t0 = time.perf_counter()
             self.engine.run(x)
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
-    def inferences_per_s(self, mean_batch: float) -> float:
-        """Throughput at a (fractional) batch size: time per run interpolated between integer sizes."""
+    def seconds_per_run(self, mean_batch: float) -> tuple[float, float, float]:
+        """(median, fastest, slowest round) seconds per run at a (fractional) batch size, interpolated
+        between the neighbouring integer sizes."""
         lo = max(1, math.floor(mean_batch))
         hi = max(lo, math.ceil(mean_batch))
-        t_lo, t_hi = self.time_per_run(lo), self.time_per_run(hi)
-        t = t_lo + (mean_batch - lo) * (t_hi - t_lo) if hi > lo else t_lo
-        return mean_batch / t
+        sizes = sorted({lo, hi})
+        xs = {b: {"x": np.random.default_rng(b).standard_normal((b, 1024), dtype=np.float32)} for b in sizes}
+        for x in xs.values():
+            for _ in range(3):
+                self.engine.run(x)
+        per_round: list[float] = []
+        for _ in range(self.ROUNDS):
+            t = {b: self._round(xs[b], self.seconds / self.ROUNDS) for b in sizes}
+            per_round.append(t[lo] + (mean_batch - lo) * (t[hi] - t[lo]))
+        return float(np.median(per_round)), min(per_round), max(per_round)
 
 
 def table(points: list[Point]) -> str:
     lines = ["| batching | clients | inferences/s | p50 ms | p99 ms | errors | mean executed batch "
-             "| engine alone inf/s at that batch | served / engine |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| engine alone inf/s at that batch | served / engine | served engine busy "
+             "| ms per run served / alone |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p.mode} | {p.clients} | {p.rps:.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} | {p.errors} "
-                     f"| {p.mean_batch:.2f} | {p.engine_rps:.0f} | {p.ratio:.0%} |")
+                     f"| {p.mean_batch:.2f} | {p.engine_rps:.0f} | {p.ratio:.0%} | {p.busy:.0%} "
+                     f"| {p.run_ms:.2f} / {p.engine_run_ms:.2f} ({p.engine_spread_ms[0]:.2f}-"
+                     f"{p.engine_spread_ms[1]:.2f}) |")
     return "\n".join(lines)
+
+
+EXPLAINED = (
+    "`served engine busy`: the share of the measured time the served engine spent running batches (executed "
+    "batches per second x the mean infer time per batch, from trtserve_compute_duration_seconds{phase=\"infer\"} "
+    "over the point). `ms per run`: the served engine's mean infer time per executed batch against the engine "
+    "alone's at the same mean batch (median of 5 rounds; fastest-slowest round in brackets). served / engine "
+    "= busy x alone / served: a low busy share means the engine waited for work (the serving path or the "
+    "batching window), a served run slower than the engine alone's means the engine shared its core.")
 
 
 def main() -> None:
@@ -160,7 +209,7 @@ def main() -> None:
                              "(0: ONNX Runtime's default, one per core)")
     parser.add_argument("--max-queue-delay-us", type=int, default=DELAY_US,
                         help="the batching window of mlp_batched (max_queue_delay_microseconds)")
-    parser.add_argument("--preferred-batch-sizes", default="8,16,32",
+    parser.add_argument("--preferred-batch-sizes", default="",
                         help="comma-separated preferred_batch_size of mlp_batched ('' for none)")
     parser.add_argument("--client-processes", type=int, default=CLIENT_PROCESSES,
                         help="load generator processes the clients are spread over (at most one per client)")
@@ -173,13 +222,15 @@ def main() -> None:
     points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="trtserve-bench-") as tmp:
         repo = make_repo(Path(tmp), args.max_queue_delay_us, preferred)
-        engine = EngineAlone(repo, seconds=0.75 if args.quick else 2.0, intra_op_threads=args.intra_op_threads)
+        engine = EngineAlone(repo, seconds=1.5 if args.quick else 4.0, intra_op_threads=args.intra_op_threads)
         with start(repo, ["--frontend-processes", str(args.frontend_processes),
                           "--intra-op-threads", str(args.intra_op_threads)]) as server:
             for mode in ("on", "off"):
                 for clients in counts:
                     points.append(p := serve_point(server, mode, clients, seconds, args.client_processes))
-                    p.engine_rps = engine.inferences_per_s(p.mean_batch)
+                    median, fastest, slowest = engine.seconds_per_run(p.mean_batch)
+                    p.engine_run_ms, p.engine_spread_ms = median * 1e3, (fastest * 1e3, slowest * 1e3)
+                    p.engine_rps = p.mean_batch / p.engine_run_ms * 1e3
                     print(f"batching {mode}, {clients} clients: {p.rps:.0f} inferences/s, mean executed batch "
                           f"{p.mean_batch:.2f}, engine alone {p.engine_rps:.0f} inferences/s", flush=True)
     goal = next((p for p in points if p.mode == "on" and p.clients == 32), None)
@@ -203,7 +254,7 @@ def main() -> None:
         f"{os.cpu_count()} CPUs shared by clients, server and engine (1-minute load average before/after: "
         f"{load_before:.1f}/{load_after:.1f}); max_queue_delay {args.max_queue_delay_us} µs, preferred "
         f"{'/'.join(map(str, preferred)) or 'none'}.",
-        "", table(points), "", verdict, ""])
+        "", table(points), "", EXPLAINED, "", verdict, ""])
     print()
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
