@@ -52,9 +52,10 @@ def element_count(shape: Sequence[int]) -> int:
 
 def check_shape(datatype: str, shape: Sequence[int], name: str = "tensor") -> None:
     """InvalidArgument for a negative dim or a shape numpy cannot represent (even with zero elements)."""
-    if any(d < 0 for d in shape):
+    shape = tuple(map(int, shape))  # numpy integers would overflow the product
+    if shape and min(shape) < 0:
         raise InvalidArgument(f"{name}: shape {format_shape(shape)} has a negative dim; dims must be >= 0")
-    nonzero = math.prod(int(d) for d in shape if d != 0)
+    nonzero = math.prod(shape) or math.prod(d for d in shape if d != 0)
     if nonzero * numpy_dtype(datatype).itemsize > _MAX_NBYTES:
         raise InvalidArgument(
             f"{name}: shape {format_shape(shape)} of {datatype} is too large "
@@ -134,10 +135,10 @@ def to_array(datatype: str, shape: Sequence[int], buf: object, *, name: str = "t
     BOOL is np.bool_, BF16 stays as <u2 words, BYTES is an object array of `bytes`.
     """
     dtype = numpy_dtype(datatype)
-    shape = tuple(int(d) for d in shape)
+    shape = tuple(map(int, shape))
     check_shape(datatype, shape, name)
     view = _byte_view(buf)
-    count = element_count(shape)
+    count = math.prod(shape)
     if datatype == "BYTES":
         starts, ends = _bytes_spans(view, count, name)
         elements = (view[s:e].tobytes() for s, e in zip(starts, ends))
@@ -185,6 +186,8 @@ def to_raw(array: np.ndarray, datatype: str, *, name: str = "tensor") -> bytes |
     if datatype == "BYTES":
         return pack_bytes(array.ravel(order="C"), name)
     dtype = numpy_dtype(datatype)
+    if array.dtype == dtype and array.size and array.flags.c_contiguous:  # the common case, as it is
+        return memoryview(array).cast("B")
     if datatype == "BF16" and array.dtype.name == "bfloat16":  # ml_dtypes.bfloat16: same 2-byte words
         array = array.view(np.uint16)
     if array.dtype != dtype:

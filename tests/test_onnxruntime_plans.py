@@ -356,6 +356,28 @@ def test_run_into_copies_views_it_cannot_bind_and_refuses_bad_ones(models: Path)
         engine.run_into(make_inputs("tiny", 5), {})
 
 
+def test_a_binding_is_reused_only_for_the_very_views_it_bound(models: Path) -> None:
+    """The engine keeps the IOBinding of views it saw (the pool hands the same ones batch after batch) and
+    finds it by the views' identity: new data in the same views is read, while other arrays, even ones
+    that get the id of a view that is gone, get a binding of their own, and the checks still run."""
+    spec = spec_for(models, "tiny")
+    engine = OnnxRuntimeBuilder(spec).build(4)
+    x, y = np.empty((2, 16), np.float32), np.empty((2, 16), np.float32)
+    for seed in range(3):  # same views, new contents: the cached binding reads them
+        x[...] = make_inputs("tiny", 2, seed=seed)["x"]
+        assert engine.run_into({"x": x}, {"y": y}) == {}
+        np.testing.assert_allclose(y, reference_outputs("tiny", spec.model_path, {"x": x})["y"], rtol=1e-6)
+    assert len(engine._bindings) == 1
+    for seed in range(20):  # fresh arrays each time: CPython often gives them the ids of the last ones
+        xs = make_inputs("tiny", 2, seed=100 + seed)["x"].copy()
+        ys = np.empty((2, 16), np.float32)
+        engine.run_into({"x": xs}, {"y": ys})
+        np.testing.assert_allclose(ys, reference_outputs("tiny", spec.model_path, {"x": xs})["y"], rtol=1e-6)
+        del xs, ys
+    with pytest.raises(InvalidArgument, match="unknown"):  # the bound views plus a stray input
+        engine.run_into({"x": x, "stray": x}, {"y": y})
+
+
 def strings_model(path: Path) -> ModelSpec:
     """text BYTES [N,1] -> echo (Identity); x FP32 [N,2] -> y = x + 1."""
     graph = helper.make_graph(

@@ -130,3 +130,28 @@ def test_wake_ends_a_wait_at_once_and_the_parents_eof_ends_the_worker(setup):
     with pytest.raises(EOFError):
         for _ in range(100):
             list(conns.receive(0.05))
+
+
+def test_answers_larger_than_the_socket_buffer_arrive_whole_while_the_frontend_reads_slowly(setup):
+    """`flush` writes without blocking while the socket takes the data and waits (blocking) for the rest
+    only when its buffer is full: several MB of answers arrive whole and in order, and the socket is left
+    non-blocking for the next `receive`."""
+    conns, parent, _, _ = setup
+    frames = [protocol.framed({"op": "pong", "id": i}, bytes([i % 251]) * 300_000) for i in range(12)]
+    for frame in frames:
+        conns.primary.send_frame(frame)
+    received = bytearray()
+
+    def read_slowly() -> None:
+        while len(received) < sum(map(len, frames)):
+            time.sleep(0.002)
+            received.extend(parent.recv(32_768))
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    conns.flush()
+    reader.join(30)
+    assert bytes(received) == b"".join(frames)
+    assert conns.primary.sock.getblocking() is False
+    parent.sendall(protocol.framed({"op": "ping", "id": 99}))
+    assert [header["id"] for _, header in _received(conns, 1)] == [99]

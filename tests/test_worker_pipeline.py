@@ -10,6 +10,8 @@ input set lets batches overlap, are covered in test_gpu_server.py.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import shutil
 import threading
 import time
@@ -48,7 +50,7 @@ def _batcher(max_batch_size: int = 4) -> DynamicBatcher:
 
 
 def _running(done: bool = False, inline: bool = False) -> _Running:
-    batch = _Running([], [], [], inline=inline)
+    batch = _Running([], [], [], future=Future(), inline=inline)
     if done:
         batch.future.set_result([])
     return batch

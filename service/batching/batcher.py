@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from service.batching.policy import BatcherSettings, decide
 from service.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -84,7 +84,7 @@ class DynamicBatcher:
             if s.default_timeout > 0:
                 timeout_at = now + s.default_timeout
                 deadline = timeout_at if deadline is None else min(deadline, timeout_at)
-            stored = replace(req, deadline=deadline, enqueued_at=now)
+            stored = QueuedRequest(req.rows, deadline, req.payload, now)
             self._queue.append(stored)
             self._rows += stored.rows
             self._cond.notify_all()

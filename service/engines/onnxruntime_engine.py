@@ -7,6 +7,7 @@ per set of views (the pool's views change only when it grows), so the common bat
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,9 +56,10 @@ class OnnxRuntimeEngine:
         cuda = CUDA in session.get_providers()
         self.buffer_memory = "device" if cuda and not self._strings else "host"
         self.fixed_shape = cuda
-        # `_binding_key` -> (IOBinding, device ids): the pool hands the same views batch after batch,
-        # so their binding is made once (binding costs more than the run for a small model).
-        self._bindings: dict[tuple, tuple[Any, set[int]]] = {}
+        # ids of the bound views (inputs, then outputs, in spec order) -> (weak references to them, IOBinding,
+        # device ids): the pool hands the same views batch after batch, so their binding is made once
+        # (binding costs more than the run for a small model; so do the address lookups of `ctypes.data`).
+        self._bindings: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], Any, set[int]]] = {}
 
     @property
     def providers(self) -> list[str]:
@@ -83,19 +85,25 @@ class OnnxRuntimeEngine:
         not goes through a copy. Returns the outputs that had no view, as arrays. BYTES models run
         through `run`, then copy into the views."""
         session = self._live()
-        self._check(inputs)
         if self._strings:
+            self._check(inputs)
             return self._run_and_copy(inputs, outputs)
-        self._check_views(outputs)
-        key = self._binding_key(inputs, outputs)
+        views = (*map(inputs.get, self._input_order), *map(outputs.get, self._output_names))
+        key = tuple(map(id, views))
         # Taken out while it runs, so that a concurrent run with the same views binds its own.
-        cached = self._bindings.pop(key, None) if key is not None else None
+        cached = self._bindings.pop(key, None)
+        if cached is not None and not (len(inputs) == len(self._input_order)
+                                       and all(ref() is view for ref, view in zip(cached[0], views))):
+            cached = None  # an id of a view that is gone, reused by another object
         held: list[np.ndarray] = []  # contiguous input copies, alive until the run ends
         allocated: list[str] = []  # outputs ONNX Runtime allocates (no usable view)
         if cached is None:
+            self._check(inputs)  # a cached binding's views passed these checks and cannot have changed
+            self._check_views(outputs)
             binding, device_ids = self._bind(session, inputs, outputs, held, allocated)
+            refs = self._reusable(views)
         else:
-            binding, device_ids = cached
+            refs, binding, device_ids = cached
         foreign = bool(device_ids) and self.stream is None  # the pool's views, filled on its own stream
         if foreign:
             _synchronize(device_ids)
@@ -105,10 +113,10 @@ class OnnxRuntimeEngine:
             raise InternalError(f"model '{self.spec.name}': onnxruntime run failed: {exc}") from exc
         if foreign:
             _synchronize(device_ids)  # before the pool copies the outputs back on its stream
-        if key is not None:
+        if refs is not None:
             if len(self._bindings) >= _MAX_BINDINGS:
                 self._bindings.clear()
-            self._bindings[key] = (binding, device_ids)
+            self._bindings[key] = (refs, binding, device_ids)
         if not allocated:
             return {}  # every output was written into its view: no OrtValues to fetch
         results = dict(zip(self._output_names, binding.get_outputs()))
@@ -130,22 +138,15 @@ class OnnxRuntimeEngine:
             if isinstance(view, np.ndarray) and not view.flags.writeable:
                 raise InternalError(f"model '{self.spec.name}': output '{name}' view is read-only")
 
-    def _binding_key(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> tuple | None:
-        """What a binding of these views binds: each view's address and shape, inputs then outputs
-        in spec order (the pool's addresses change when it grows). None when the binding cannot be
-        reused: an input needs a contiguous copy or an output has no usable view."""
-        key = []
-        for view in (*(inputs[name] for name in self._input_order),
-                     *(outputs.get(name) for name in self._output_names)):
-            if view is None:
+    @staticmethod
+    def _reusable(views: tuple[Any, ...]) -> tuple[weakref.ref, ...] | None:
+        """Weak references to the views of a binding that can serve the same views again (the pool hands
+        the same view objects batch after batch, until it grows); None when it cannot: an input needed a
+        contiguous copy or an output has no usable view. Weak, so a cached binding keeps no buffer alive."""
+        for view in views:
+            if view is None or not (hasattr(view, "ptr") or view.flags.c_contiguous):
                 return None
-            if hasattr(view, "ptr"):
-                key.append((int(view.ptr), int(view.device_id), tuple(view.shape)))
-            elif view.flags.c_contiguous:
-                key.append((view.ctypes.data, view.shape))
-            else:
-                return None
-        return tuple(key)
+        return tuple(map(weakref.ref, views))
 
     def _bind(self, session: ort.InferenceSession, inputs: Mapping[str, Any], outputs: Mapping[str, Any],
               held: list[np.ndarray], allocated: list[str]) -> tuple[Any, set[int]]:

@@ -67,9 +67,16 @@ class Channel:
         data = b"".join(self._outbox)
         self._outbox.clear()
         try:
-            self.sock.setblocking(True)  # a frontend always reads; a full buffer empties soon
-            self.sock.sendall(data)
-            self.sock.setblocking(False)
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):  # rare: the socket buffer is full; a frontend always reads, it empties soon
+                self.sock.setblocking(True)
+                try:
+                    self.sock.sendall(memoryview(data)[sent:])
+                finally:
+                    self.sock.setblocking(False)
         except OSError:
             if self.primary:
                 raise

@@ -135,7 +135,7 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
                     for done in finished:
                         _finish(done, codec, stats)
                     break
-            if _may_start(running, batcher, runtime):
+            if batcher.queued_requests and _may_start(running, batcher, runtime):
                 batch = batcher.next_batch(timeout=0)
                 for req in batch.expired:
                     req.payload.channel.error(req.payload.id,
@@ -266,7 +266,7 @@ class _Running:
     jobs: list[_Job]
     items: list[Item]
     deadlines: list[float | None]
-    future: Future[list[Any]] = field(default_factory=Future)
+    future: Future[list[Any]] | _Settled | None = None  # set by `_start`
     inline: bool = False
     started: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -305,15 +305,33 @@ def _start(engine: ThreadPoolExecutor, runtime: ModelRuntime, requests: tuple[Qu
         expected = runtime.expected_seconds(sum(job.rows for job in jobs)) if inline_ok else None
         if expected is not None and expected < INLINE_BELOW_S:
             batch.inline = True  # nothing can cancel or expire it between here and the run
-            batch.future.set_result(_execute(runtime, prepared))
+            batch.future = _Settled(_execute(runtime, prepared))
             return batch
     except Exception as exc:  # answered as the engine thread's failures are
         batch.inline = True
-        batch.future.set_exception(exc)
+        batch.future = _Settled(error=exc)
         return batch
     batch.future = engine.submit(_run_when_wanted, runtime, batch, prepared)
     batch.future.add_done_callback(lambda _: conns.wake())
     return batch
+
+
+class _Settled:
+    """A batch run inline: the part of a finished Future the loop reads, without a Future's lock and
+    condition (a `tiny` request costs the worker little more than those)."""
+
+    __slots__ = ("_error", "_result")
+
+    def __init__(self, result: list[Any] | None = None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> list[Any]:
+        if self._error is not None:
+            raise self._error
+        return self._result or []
 
 
 def _run_when_wanted(runtime: ModelRuntime, batch: _Running, prepared: Prepared) -> list[Any]:
