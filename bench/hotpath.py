@@ -130,7 +130,7 @@ def micro() -> list[tuple[str, str, float]]:
         def send_frame(self, frame: bytes) -> None:
             pass
 
-    job = worker_mod._Job(1234, frames.decode_infer(infer_body), 1, {"x": x}, _NoPipe())
+    job = worker_mod._Job(frames.decode_infer(infer_body), 1, {"x": x}, _NoPipe())
 
     def worker_receive() -> object:
         request = frames.decode_infer(infer_body)
@@ -185,7 +185,7 @@ def micro() -> list[tuple[str, str, float]]:
          _time(lambda: session.run_with_iobinding(binding))),
         ("worker", "  reference: plain session.run(['y'], {'x': x})", _time(lambda: session.run(["y"], {"x": x}))),
         ("worker", "_reply: to_raw + copy to shm + binary RESULT (no pipe write)",
-         _time(lambda: worker_mod._reply(spec, job, {"y": x}))),
+         _time(lambda: worker_mod._reply(frames, job, {"y": x}))),
     ]
     runtime.close()
     return rows

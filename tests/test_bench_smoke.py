@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import queue
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from bench import report
 from bench.floor_server import constant_response
 from bench.overhead import FloorProcess
 from bench.run import Scenario, run_one
+from tests.server import ROOT
 
 
 @pytest.mark.parametrize("flags", [(), ("--parse", "--interceptor", "--hop")], ids=["raw", "parse+interceptor+hop"])
@@ -87,3 +90,15 @@ def test_a_failing_scenario_is_recorded_not_raised(tmp_path):
     record = run_one(Scenario("no_such_scenario", (), (), 60), False, tmp_path)
     assert record["rc"] != 0
     assert "No module named" in (tmp_path / record["log"]).read_text()
+
+
+def test_hotpath_step_timings_run_against_the_current_code(tmp_path):
+    """bench.hotpath times the hot path's functions directly (private ones included), so a refactor can
+    break it without any other test noticing: its per-step part (a few seconds) runs here."""
+    done = subprocess.run([sys.executable, "-m", "bench.hotpath", "--no-spy", "--no-ladder", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = (tmp_path / "hotpath.md").read_text()
+    for step in ("codec.decode_request", "FrameCodec.decode_infer + to_array", "ModelRuntime.run([1 item])",
+                 "_reply: to_raw + copy to shm"):
+        assert step in text
