@@ -30,7 +30,10 @@ from service.repository import ModelRepository, ModelSpec, TensorSpec
 from service.workers import protocol
 from service.workers.connections import Channel
 from service.workers.shm import Arena, attach
-from service.workers.worker import _dispatch, _Job, _reply
+from service.metrics import WorkerStats
+from service.workers.runtime import Item, ModelRuntime
+from service.workers.worker import WorkerOptions, _dispatch, _Job, _reply
+from tests.reference import reference_outputs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
 
@@ -326,6 +329,52 @@ def test_a_request_of_no_rows_is_answered_at_once_with_empty_outputs(frontend):
     assert _receive(channel, frame).queued_requests == 0
     (answer,) = _answers(frontend, channel)
     assert protocol.FrameCodec(TINY).decode_result(answer)[:2] == (15, [(0, (0, 16), 0, 0, False)])
+
+
+@pytest.fixture(scope="module")
+def tiny_runtime() -> Iterator[ModelRuntime]:
+    runtime = ModelRuntime(TINY, WorkerOptions(intra_op_threads=1), WorkerStats())
+    runtime.run([Item(1, {"x": np.zeros((1, 16), np.float32)})])  # a run timed: short batches are known
+    yield runtime
+    runtime.close()
+
+
+def test_a_short_unbatched_request_at_an_idle_worker_is_answered_on_arrival(frontend, tiny_runtime):
+    """`tiny` has no dynamic batching: a request that finds nothing running and nobody queued runs and is
+    answered while its frame is handled (no queue, no loop turn); otherwise it queues behind the others,
+    in order, and so do one that no live engine can take yet and one whose deadline has passed (the queue
+    answers it DEADLINE_EXCEEDED)."""
+    codec, stats = protocol.FrameCodec(TINY), tiny_runtime.stats
+    x = np.random.default_rng(3).standard_normal((1, 16), dtype=np.float32)
+    frontend.arena.buf[0:64] = x.tobytes()
+    channel = frontend.channel()
+    batcher = DynamicBatcher(BatcherSettings.for_model(TINY.config))
+    assert not batcher.settings.batching
+    stats.drain()
+
+    def infer(request_id: int, running: list, timeout_s: float | None = None, rows: int = 1) -> None:
+        frame = codec.encode_infer(request_id, [("x", "FP32", (rows, 16), 0, 64 * rows)], ["y"], 256, 64 * rows,
+                                   timeout_s)
+        _dispatch(channel, _body(frame), codec, tiny_runtime, batcher, running=running, pongs=[])
+
+    infer(31, running=[])
+    assert batcher.queued_requests == 0
+    (answer,) = _answers(frontend, channel)
+    request_id, slots, _ = codec.decode_result(answer)
+    assert request_id == 31 and slots == [(0, (1, 16), 256, 64, False)]
+    y = np.frombuffer(frontend.arena.buf[256:320], np.float32).reshape(1, 16)
+    np.testing.assert_allclose(y, reference_outputs("tiny", TINY.model_path, {"x": x})["y"], rtol=1e-6)
+    del y  # a view of the arena, which the fixture closes
+    assert stats.drain()["exec"]["requests"] == 1
+
+    infer(32, running=[], rows=2)  # larger than the live engine: it waits for a build, as a queued batch
+    infer(33, running=[object()])  # a batch runs: the request waits for it
+    infer(34, running=[])  # nothing runs, but 32 and 33 are queued: 34 goes behind them
+    infer(35, running=[], timeout_s=0.0)  # to be answered DEADLINE_EXCEEDED by the queue, not run
+    assert [r.payload.id for r in batcher._queue] == [32, 33, 34, 35]
+    assert [r.payload.id for r in batcher.next_batch(timeout=0).expired] == [35]
+    for queued in batcher._queue:
+        queued.payload.inputs = {}
 
 
 def _job(channel: Channel, spec: ModelSpec, outputs: list[str], out_offset: int, out_nbytes: int) -> _Job:

@@ -2,10 +2,11 @@
 
 One thread (`_serve`) receives frames from every frontend connection, queues requests in the dynamic
 batcher, hands due batches to the engine thread (short ones it runs itself) and answers, heartbeats
-included, so a stuck batch shows as missing heartbeats. The parent's pipe is the primary connection (control,
-heartbeats, stats); extra frontend processes connect through the listening socket the parent gave,
-each naming its own shared-memory arena first. When the parent dies its pipe closes and the worker
-exits: no orphans.
+included, so a stuck batch shows as missing heartbeats. A short request of a model without dynamic
+batching that finds the worker idle is run and answered as it arrives (`_runs_now`). The parent's pipe is
+the primary connection (control, heartbeats, stats); extra frontend processes connect through the
+listening socket the parent gave, each naming its own shared-memory arena first. When the parent dies its
+pipe closes and the worker exits: no orphans.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def _dispatch(channel: Channel, frame: bytes, codec: protocol.FrameCodec, runtim
             else:
                 channel.error(exc.request_id, InternalError(f"malformed request from the frontend: {exc}"))
             return
-        _submit(channel, request, codec, runtime, batcher)
+        _submit(channel, request, codec, runtime, batcher, running)
         return
     try:
         header, _ = protocol.decode(frame)
@@ -236,7 +237,7 @@ def _unattributable(channel: Channel, problem: str) -> None:
 
 
 def _submit(channel: Channel, request: protocol.InferRequest, codec: protocol.FrameCodec, runtime: ModelRuntime,
-            batcher: DynamicBatcher) -> None:
+            batcher: DynamicBatcher, running: deque[_Running]) -> None:
     try:
         buf, spec_inputs = channel.buf, codec.inputs
         if request.out_offset + request.out_nbytes > buf.nbytes:
@@ -252,10 +253,37 @@ def _submit(channel: Channel, request: protocol.InferRequest, codec: protocol.Fr
             _reply(codec, job, runtime.empty_outputs())
             return
         timeout = request.timeout_s
+        if not running and _runs_now(batcher, runtime, rows, timeout):
+            _run_now(job, codec, runtime)
+            return
         deadline = time.monotonic() + timeout if timeout is not None else None
         batcher.submit(QueuedRequest(rows=rows, deadline=deadline, payload=job))
     except ServeError as exc:
         channel.error(request.id, exc)
+
+
+def _runs_now(batcher: DynamicBatcher, runtime: ModelRuntime, rows: int, timeout: float | None) -> bool:
+    """Whether a request that arrives while nothing runs is run and answered on arrival: when its model
+    runs requests one by one (no dynamic batching, so nothing would join it), nobody is queued before it,
+    its deadline has not passed, and it is expected to be short (as batches run inline). What it skips is
+    the queue, the batch objects and a turn of the loop, most of what a small request costs the worker."""
+    if batcher.settings.batching or batcher.queued_requests or batcher.closed:
+        return False
+    if timeout is not None and timeout <= 0:
+        return False  # expired: the queue answers DEADLINE_EXCEEDED
+    expected = runtime.expected_seconds(rows)  # None also when no live engine can take the rows
+    return expected is not None and expected < INLINE_BELOW_S
+
+
+def _run_now(job: _Job, codec: protocol.FrameCodec, runtime: ModelRuntime) -> None:
+    """Run one request by itself and answer it (see `_runs_now`)."""
+    item = Item(job.rows, job.inputs)
+    try:
+        executions = runtime.run([item])
+    except Exception as exc:  # answered as a failed batch is
+        _fail([job], [item], exc)
+        return
+    _answer([job], [item], executions, codec, runtime.stats)
 
 
 @dataclass
@@ -352,16 +380,27 @@ def _execute(runtime: ModelRuntime, prepared: Prepared) -> list[Any]:
 
 def _finish(running: _Running, codec: protocol.FrameCodec, stats: WorkerStats) -> None:
     """Answer every request of a finished batch (outputs, or the batch's error) and record it."""
-    jobs, items = running.jobs, running.items
     try:
         executions = running.future.result()
     except Exception as exc:  # an engine failure fails this batch, not the worker
-        if not isinstance(exc, ServeError):
-            log.error("batch of %d requests failed", len(jobs), exc_info=exc)
-            exc = InternalError(f"inference failed: {type(exc).__name__}: {exc}")
-        for job, item in zip(jobs, items):  # cancelled or expired before the start: said so
-            job.channel.error(job.id, item.error or exc)
+        _fail(running.jobs, running.items, exc)
         return
+    _answer(running.jobs, running.items, executions, codec, stats)
+
+
+def _fail(jobs: list[_Job], items: list[Item], exc: Exception) -> None:
+    """Answer the requests of a batch that failed with its error (those cancelled or expired before the
+    start with their own)."""
+    if not isinstance(exc, ServeError):
+        log.error("batch of %d requests failed", len(jobs), exc_info=exc)
+        exc = InternalError(f"inference failed: {type(exc).__name__}: {exc}")
+    for job, item in zip(jobs, items):
+        job.channel.error(job.id, item.error or exc)
+
+
+def _answer(jobs: list[_Job], items: list[Item], executions: list[Any], codec: protocol.FrameCodec,
+            stats: WorkerStats) -> None:
+    """Answer the requests of a batch that ran (outputs, or a request's own error) and record it."""
     t0 = time.perf_counter()
     for job, item in zip(jobs, items):
         if item.error is not None:
