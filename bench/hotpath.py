@@ -122,7 +122,6 @@ def micro() -> list[tuple[str, str, float]]:
 
         def __init__(self) -> None:
             self.buf = buf
-            self.codec = frames
 
         def send(self, header: dict, payload: bytes | None = None) -> None:
             protocol.framed(header, payload)
@@ -179,7 +178,7 @@ def micro() -> list[tuple[str, str, float]]:
         ("worker", "ModelRuntime.run([1 item]) (pool + registry + IOBinding run)",
          _time(lambda: runtime.run([Item(1, {"x": x})]), 1000)),
         ("worker", "  of which registry.execute(1)", _time(lambda: runtime.registry.execute(1, views), 1000)),
-        ("worker", "  of which engine.run_into (cached IOBinding: key, checks, run)",
+        ("worker", "  of which engine.run_into (IOBinding cached for these views, run)",
          _time(lambda: engine.run_into(views.inputs, views.outputs), 1000)),
         ("worker", "  reference: session.run_with_iobinding, binding reused",
          _time(lambda: session.run_with_iobinding(binding))),

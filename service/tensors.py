@@ -50,8 +50,9 @@ def element_count(shape: Sequence[int]) -> int:
     return math.prod(int(d) for d in shape)
 
 
-def check_shape(datatype: str, shape: Sequence[int], name: str = "tensor") -> None:
-    """InvalidArgument for a negative dim or a shape numpy cannot represent (even with zero elements)."""
+def check_shape(datatype: str, shape: Sequence[int], name: str = "tensor") -> tuple[int, ...]:
+    """InvalidArgument for a negative dim or a shape numpy cannot represent (even with zero elements);
+    returns the shape as Python ints."""
     shape = tuple(map(int, shape))  # numpy integers would overflow the product
     if shape and min(shape) < 0:
         raise InvalidArgument(f"{name}: shape {format_shape(shape)} has a negative dim; dims must be >= 0")
@@ -61,6 +62,7 @@ def check_shape(datatype: str, shape: Sequence[int], name: str = "tensor") -> No
             f"{name}: shape {format_shape(shape)} of {datatype} is too large "
             f"(more than {_MAX_NBYTES} bytes)"
         )
+    return shape
 
 
 def raw_size(datatype: str, shape: Sequence[int]) -> int:
@@ -135,8 +137,7 @@ def to_array(datatype: str, shape: Sequence[int], buf: object, *, name: str = "t
     BOOL is np.bool_, BF16 stays as <u2 words, BYTES is an object array of `bytes`.
     """
     dtype = numpy_dtype(datatype)
-    shape = tuple(map(int, shape))
-    check_shape(datatype, shape, name)
+    shape = check_shape(datatype, shape, name)
     view = _byte_view(buf)
     count = math.prod(shape)
     if datatype == "BYTES":
