@@ -58,8 +58,8 @@ def _sent(calls: Callable[[WorkerLink], Awaitable[list[asyncio.Future]]]) -> lis
         arena = Arena(1 << 16)
         ours, worker = socket.socketpair()
         try:
-            reader, writer = await asyncio.open_connection(sock=ours)
-            link = WorkerLink(TINY, arena, reader, writer, shm_wait_s=1.0, max_inflight=64)
+            link = WorkerLink(TINY, arena, shm_wait_s=1.0, max_inflight=64)
+            await link.connect(sock=ours)
             started = await calls(link)
             await asyncio.sleep(0.05)  # whatever was queued is written; nobody answers
             frames = await asyncio.to_thread(_frames, worker)
@@ -97,8 +97,8 @@ async def _linked(arena_bytes: int) -> tuple[WorkerLink, Arena, asyncio.StreamRe
     """A link on an arena of `arena_bytes` and the worker's end of its stream."""
     arena = Arena(arena_bytes)
     ours, theirs = socket.socketpair()
-    reader, writer = await asyncio.open_connection(sock=ours)
-    link = WorkerLink(TINY, arena, reader, writer, shm_wait_s=5.0, max_inflight=64)
+    link = WorkerLink(TINY, arena, shm_wait_s=5.0, max_inflight=64)
+    await link.connect(sock=ours)
     worker_reader, worker_writer = await asyncio.open_connection(sock=theirs)
     return link, arena, worker_reader, worker_writer
 
@@ -183,3 +183,42 @@ def test_a_frame_the_link_cannot_read_fails_what_is_pending():
 
     error = asyncio.run(scenario())
     assert isinstance(error, Unavailable) and "malformed frame from the worker" in error.message
+
+
+def test_answers_cut_anywhere_by_the_stream_are_put_back_together():
+    async def scenario() -> list:
+        link, arena, reader, writer = await _linked(1 << 16)
+        codec = protocol.FrameCodec(TINY)
+        calls = [asyncio.ensure_future(link.infer([WireTensor("x", "FP32", (1, 16), _row(k))], ["y"]))
+                 for k in (1, 2)]
+        first, second = [codec.decode_infer(await protocol.read_framed(reader)) for _ in calls]
+        # both answers inline, in one byte string handed over 7 bytes at a time: frames split across
+        # reads, and a read that ends one frame and starts the next
+        data = (codec.encode_result(second.id, [(0, (1, 16), 0, 64, True)], _row(20))
+                + codec.encode_result(first.id, [(0, (1, 16), 0, 64, True)], _row(10)))
+        for start in range(0, len(data), 7):
+            writer.write(data[start:start + 7])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        results = await asyncio.wait_for(asyncio.gather(*calls), 5)
+        await _closed(link, arena, writer)
+        return results
+
+    first, second = asyncio.run(scenario())
+    assert first == [WireTensor("y", "FP32", (1, 16), _row(10))]
+    assert second == [WireTensor("y", "FP32", (1, 16), _row(20))]
+
+
+def test_the_worker_closing_its_end_fails_what_is_pending():
+    async def scenario() -> BaseException:
+        link, arena, reader, writer = await _linked(1 << 16)
+        call = asyncio.ensure_future(link.infer([WireTensor("x", "FP32", (1, 16), _row(1))], ["y"]))
+        await protocol.read_framed(reader)
+        writer.close()
+        (error,) = await asyncio.gather(call, return_exceptions=True)
+        assert link.closed.done() and not link.alive
+        await _closed(link, arena, writer)
+        return error
+
+    error = asyncio.run(scenario())
+    assert isinstance(error, Unavailable) and "worker connection closed" in error.message

@@ -15,7 +15,6 @@ from typing import Any
 from service.errors import Unavailable
 from service.repository import ModelSpec
 from service.tensors import WireTensor
-from service.workers import protocol
 from service.workers.link import WorkerLink
 from service.workers.shm import Arena
 
@@ -54,16 +53,17 @@ class Route:
 
     async def _connect(self) -> WorkerLink:
         table = self._table
+        arena = Arena(table.shm_bytes)
+        link = WorkerLink(self.spec, arena, shm_wait_s=table.shm_wait_s, max_inflight=table.max_inflight)
         try:
-            reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+            await link.connect(path=str(self.socket_path))
         except OSError as exc:
+            arena.close()
             self._connecting = None  # the next request tries again
             raise Unavailable(f"model '{self.spec.name}' is not reachable: {exc}") from None
-        self._arena = Arena(table.shm_bytes)
-        writer.write(protocol.framed({"op": "hello", "arena": self._arena.name}))
-        self._link = WorkerLink(self.spec, self._arena, reader, writer, shm_wait_s=table.shm_wait_s,
-                                max_inflight=table.max_inflight)
-        return self._link
+        link.send({"op": "hello", "arena": arena.name})  # the first frame: the worker attaches the arena
+        self._arena, self._link = arena, link
+        return link
 
     async def retire(self) -> None:
         """Let requests in flight finish (the worker answers them, or its exit fails them), then free

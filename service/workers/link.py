@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import math
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +36,12 @@ class _Pending:
     abandoned: bool = False
 
 
-class WorkerLink:
-    """Requests to one worker over one stream; frames that are not answers go to `on_frame`."""
+class WorkerLink(asyncio.Protocol):
+    """Requests to one worker over one stream socket (`connect`); frames that are not answers go to
+    `on_frame`. It is the connection's asyncio protocol: frames are taken apart as the bytes arrive,
+    with no reader task or per-read future."""
 
-    def __init__(self, spec: ModelSpec, arena: Arena, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 *, shm_wait_s: float, max_inflight: int,
+    def __init__(self, spec: ModelSpec, arena: Arena, *, shm_wait_s: float, max_inflight: int,
                  on_frame: Callable[[dict[str, Any], memoryview], None] = lambda header, payload: None) -> None:
         self.spec = spec
         self.arena = arena
@@ -48,7 +50,8 @@ class WorkerLink:
         # Arena room per row for each output whose size is known up front; the rest travels inline.
         self._row_bytes = {out.name: element_size(out.datatype) * math.prod(out.dims) for out in spec.outputs
                            if out.datatype != "BYTES" and all(d > 0 for d in out.dims)}
-        self._writer: asyncio.StreamWriter | None = writer
+        self._transport: asyncio.Transport | None = None  # set once connected; None again once closed
+        self._inbox = bytearray()  # bytes of a frame not complete yet
         self._shm_wait_s = shm_wait_s
         self._max_inflight = max_inflight
         self._on_frame = on_frame
@@ -57,25 +60,27 @@ class WorkerLink:
         self._ids = itertools.count(1)
         self.inflight = 0
         self.closed = asyncio.get_running_loop().create_future()  # set when the stream ended or was closed
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_frames(reader))
+
+    async def connect(self, *, sock: socket.socket | None = None, path: str | None = None) -> None:
+        """Open the stream: over a connected `sock` (the parent's end of its pipe) or to the Unix socket
+        at `path` (OSError when nobody listens there)."""
+        await asyncio.get_running_loop().create_unix_connection(lambda: self, path, sock=sock)
 
     @property
     def alive(self) -> bool:
-        return self._writer is not None
+        return self._transport is not None
 
     def send(self, header: dict[str, Any]) -> None:
         """Write a control frame (in order with the requests); a dead link drops it (whoever watches the
         worker reports its exit)."""
-        if self._writer is not None:
+        if self._transport is not None:
             self._queue(protocol.framed(header))
 
     def close(self, err: ServeError) -> None:
         """Stop reading, close the stream and fail every pending request with `err` (idempotent)."""
-        if self._writer is not None:
-            if self._reader_task is not asyncio.current_task():
-                self._reader_task.cancel()
-            self._writer.close()
-            self._writer = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
         self._fail_pending(err)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -96,15 +101,22 @@ class WorkerLink:
             else:
                 p.future.set_result(answer)
 
-    async def _read_frames(self, reader: asyncio.StreamReader) -> None:
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        inbox = self._inbox
+        inbox += data
         try:
-            while True:
-                self._dispatch(await protocol.read_framed(reader))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            self.close(Unavailable(f"model '{self.spec.name}': worker connection closed"))
+            for frame in protocol.split_framed(inbox):
+                self._dispatch(frame)
         except protocol.FrameError as exc:  # out of step with the worker: nothing it sends can be trusted now
             log.error("model %s: malformed frame from the worker: %s", self.spec.name, exc)
             self.close(Unavailable(f"model '{self.spec.name}': malformed frame from the worker"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close(Unavailable(f"model '{self.spec.name}': worker connection closed"))
 
     def _dispatch(self, frame: bytes) -> None:
         """A RESULT or ERROR settles its request; any other frame goes to `on_frame`."""
@@ -123,7 +135,7 @@ class WorkerLink:
     async def infer(self, inputs: list[WireTensor], output_names: list[str],
                     timeout_s: float | None = None) -> list[WireTensor]:
         """Run one request in the worker. `timeout_s` (the client's deadline) bounds its time in the queue."""
-        if self._writer is None:
+        if self._transport is None:
             raise Unavailable(f"model '{self.spec.name}' is not ready")
         if self.inflight >= self._max_inflight:
             raise ResourceExhausted(f"model '{self.spec.name}' has {self.inflight} requests in flight, the limit "
@@ -152,7 +164,7 @@ class WorkerLink:
                 arena.buf[cursor:cursor + n] = t.data
                 places.append((t.name, t.datatype, t.shape, cursor, n))
                 cursor += n
-            if self._writer is None:  # died while we waited for shared memory
+            if self._transport is None:  # died while we waited for shared memory
                 raise Unavailable(f"model '{self.spec.name}' is not ready")
             frame = self._codec.encode_infer(request_id, places, output_names, cursor, out_bytes, timeout_s)
             pending = _Pending(asyncio.get_running_loop().create_future(), offset, nbytes)
@@ -183,11 +195,8 @@ class WorkerLink:
 
     def _flush(self) -> None:
         frames, self._outbox = self._outbox, []
-        try:
-            if self._writer is not None:
-                self._writer.write(b"".join(frames))
-        except (OSError, RuntimeError):
-            pass  # the link is dying: its reader fails the pending requests
+        if self._transport is not None:
+            self._transport.write(b"".join(frames))  # a dying link fails the pending requests itself
 
 
 def _nbytes(data: bytes | memoryview) -> int:

@@ -87,7 +87,9 @@ class WorkerHandle:
             # opened before the spawn so that no await lies between spawning the worker and registering it
             # below: a cancel there (stop() during a respawn) left a worker unknown to this handle, whose
             # process handle (two pipe fds) was never closed.
-            reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
+            link = WorkerLink(self.spec, self._arena, shm_wait_s=self._settings.shm_wait_s,
+                              max_inflight=self._settings.max_inflight, on_frame=self._control_frame)
+            await link.connect(sock=parent_sock)
         except BaseException:
             child_sock.close()
             if listener is not None:
@@ -106,8 +108,7 @@ class WorkerHandle:
             if listener is not None:
                 listener.close()
         self._process, self.pid, self.socket_path = process, process.pid, path
-        self._link = WorkerLink(self.spec, self._arena, reader, writer, shm_wait_s=self._settings.shm_wait_s,
-                                max_inflight=self._settings.max_inflight, on_frame=self._control_frame)
+        self._link = link
         self._started_at = time.monotonic()
         loop.add_reader(process.sentinel, self._on_exit, process)
         try:
