@@ -155,3 +155,22 @@ def test_answers_larger_than_the_socket_buffer_arrive_whole_while_the_frontend_r
     assert conns.primary.sock.getblocking() is False
     parent.sendall(protocol.framed({"op": "ping", "id": 99}))
     assert [header["id"] for _, header in _received(conns, 1)] == [99]
+
+
+def test_an_abandoned_frontend_is_closed_at_the_next_flush_and_the_parent_still_answered(setup):
+    conns, parent, path, extra_arena = setup
+    frontend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    frontend.connect(path)
+    frontend.sendall(protocol.framed({"op": "hello", "arena": extra_arena.name}) + _infer(1))
+    ((channel, _),) = _received(conns, 1)
+    channel.send({"op": "error", "id": 1, "error": {"code": "INTERNAL", "message": "dropped with it"}})
+    channel.abandon()
+    conns.primary.send({"op": protocol.PONG, "id": 3})
+    conns.flush()
+    assert conns.closed == [channel]
+    frontend.settimeout(5)
+    assert frontend.recv(4096) == b""  # closed by the worker, nothing written to it after abandon
+    parent.settimeout(5)
+    assert protocol.split_framed(bytearray(parent.recv(4096))) == [protocol.encode({"op": protocol.PONG, "id": 3})]
+    conns.flush()  # the dropped frontend is gone from what is flushed
+    assert conns.closed == [channel]

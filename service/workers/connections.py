@@ -94,6 +94,7 @@ class Connections:
 
     def __init__(self, primary: socket.socket, arena_name: str, listener: socket.socket | None) -> None:
         self._selector = selectors.DefaultSelector()
+        self._channels: list[Channel] = []  # what `flush` writes to, without walking the selector's map
         self.primary = self._add(primary, attach(arena_name), primary=True)
         self._listener = listener
         if listener is not None:
@@ -109,6 +110,7 @@ class Connections:
         sock.setblocking(False)
         channel = Channel(sock, shm, primary)
         self._selector.register(sock, selectors.EVENT_READ, channel)
+        self._channels.append(channel)
         return channel
 
     def wake(self) -> None:
@@ -140,11 +142,14 @@ class Connections:
 
     def flush(self) -> None:
         """Write every queued answer, one write per connection."""
-        for key in list(self._selector.get_map().values()):
-            if isinstance(key.data, Channel):
-                key.data._flush()
-                if key.data.closed:
-                    self._drop(key.data)
+        gone = []
+        for channel in self._channels:
+            if channel._outbox:
+                channel._flush()
+            if channel.closed:
+                gone.append(channel)
+        for channel in gone:
+            self._drop(channel)
 
     def _accept(self) -> None:
         try:
@@ -179,6 +184,8 @@ class Connections:
         if channel.primary:
             raise EOFError("the parent closed its pipe")
         channel.closed = True
+        if channel in self._channels:
+            self._channels.remove(channel)
         try:
             self._selector.unregister(channel.sock)
         except (KeyError, ValueError):

@@ -130,7 +130,8 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
                 for pong in pongs:
                     conns.primary.send({"op": protocol.PONG, "id": pong})
                 pongs.clear()
-            _pin(runtime, conns, idle=not running)
+            if conns.opened or conns.closed:
+                _pin(runtime, conns, idle=not running)
             if not running:
                 if batcher.closed and not batcher.queued_requests:
                     for done in finished:
@@ -153,7 +154,7 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
                 last_stats = now
             until_stats = max(0.0, last_stats + STATS_INTERVAL_S - now)
             if not running:
-                wait = batcher.wait_hint(until_stats)
+                wait = batcher.wait_hint(until_stats) if batcher.queued_requests or batcher.closed else until_stats
             else:  # one ran inline: answer it after one look at the sockets
                 wait = 0.0 if running[0].future.done() else until_stats
             # Answers go out when the loop is about to sleep (a burst of requests answered in one write
