@@ -15,7 +15,8 @@ while the server idles, right after each point so that both see the same machine
 neighbouring integer batch sizes. Goal: at 32 clients with batching on, served inferences/s >= 80% of
 the engine alone at the mean executed batch. Clients, frontend, worker and engine share the same cores.
 The table takes the ratio apart: served / alone = (share of the time the served engine was busy) x
-(engine alone's time per run / served engine's time per run).
+(engine alone's time per run / served engine's time per run), and says whether a slower served run
+waited for a core (the engine thread's CPU time over its run time, from /proc).
 `--intra-op-threads N` configures the served engine and the engine alone alike. The default is 1: the
 engine alone then has one core, as the served engine has at most while clients and frontend use the
 others (0, ONNX Runtime's default of one thread per core, gives the engine alone every core, which the
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.load import run_load_processes
@@ -72,6 +74,7 @@ class Point:
     mean_batch: float
     busy: float  # share of the measured time the served engine spent running batches
     run_ms: float  # the served engine's mean time per executed batch
+    on_cpu: float  # share of the served engine's run time its thread was on a CPU
     engine_rps: float = math.nan
     engine_run_ms: float = math.nan  # the engine alone's time per run at the mean executed batch (median)
     engine_spread_ms: tuple[float, float] = (math.nan, math.nan)  # its fastest and slowest round
@@ -114,24 +117,34 @@ def scrape(server: ServerProcess, model: str) -> Counts:
                   values[("trtserve_compute_duration_seconds_sum", "infer")])
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid`, by thread id."""
+    return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+
+
 def serve_point(server: ServerProcess, mode: str, clients: int, seconds: float,
                 client_processes: int = CLIENT_PROCESSES) -> Point:
     model = MODELS[mode]
     x = np.random.default_rng(clients).standard_normal((1, 1024), dtype=np.float32)
-    before = scrape(server, model)
+    worker = server.worker_pid(model)
+    before, threads_before = scrape(server, model), thread_cpu_seconds(worker)
     # Client threads spread over up to 4 processes, as in bench.overhead: one process of tritonclient
     # threads is capped by its own GIL well below what the server can take.
     result = run_load_processes(server.url, model, {"x": x}, clients, seconds, {"x": "FP32"},
                                 processes=min(clients, client_processes))
     time.sleep(0.3)  # the worker's last stats report (every 0.1 s)
-    after = scrape(server, model)
+    after, threads_after = scrape(server, model), thread_cpu_seconds(worker)
+    # The worker's busiest thread over the point is its engine thread (it runs every batch of this size).
+    engine_cpu_s = max(cpu - threads_before.get(tid, 0.0) for tid, cpu in threads_after.items())
     batches = after.batches - before.batches
     mean = (after.rows - before.rows) / batches if batches else math.nan
     run_s = (after.infer_s - before.infer_s) / batches if batches else math.nan
     busy = result.rps / mean * run_s  # batches per second of the measured load x time per batch
     run_ms = run_s * 1e3
+    infer_s = after.infer_s - before.infer_s
+    on_cpu = engine_cpu_s / infer_s if infer_s > 0 else math.nan
     return Point(mode, clients, result.rps, result.percentile_ms(50), result.percentile_ms(99), result.errors, mean,
-                 busy, run_ms)
+                 busy, run_ms, on_cpu)
 
 
 class EngineAlone:
@@ -179,13 +192,13 @@ class EngineAlone:
 def table(points: list[Point]) -> str:
     lines = ["| batching | clients | inferences/s | p50 ms | p99 ms | errors | mean executed batch "
              "| engine alone inf/s at that batch | served / engine | served engine busy "
-             "| ms per run served / alone |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ms per run served / alone | served engine on CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p.mode} | {p.clients} | {p.rps:.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} | {p.errors} "
                      f"| {p.mean_batch:.2f} | {p.engine_rps:.0f} | {p.ratio:.0%} | {p.busy:.0%} "
                      f"| {p.run_ms:.2f} / {p.engine_run_ms:.2f} ({p.engine_spread_ms[0]:.2f}-"
-                     f"{p.engine_spread_ms[1]:.2f}) |")
+                     f"{p.engine_spread_ms[1]:.2f}) | {p.on_cpu:.0%} |")
     return "\n".join(lines)
 
 
@@ -195,7 +208,12 @@ EXPLAINED = (
     "over the point). `ms per run`: the served engine's mean infer time per executed batch against the engine "
     "alone's at the same mean batch (median of 5 rounds; fastest-slowest round in brackets). served / engine "
     "= busy x alone / served: a low busy share means the engine waited for work (the serving path or the "
-    "batching window), a served run slower than the engine alone's means the engine shared its core.")
+    "batching window), a served run slower than the engine alone's means the engine shared its core or ran "
+    "slower on it. `served engine on CPU`: the CPU time of the worker's engine thread (its busiest thread, "
+    "from /proc) over the served engine's run time: below 100%, the engine thread waited for a core during "
+    "its runs (the cores were oversubscribed: clients, frontends and worker want more than there are); "
+    "near 100% with a served run still slower than the engine alone's, it ran slower on its core (memory "
+    "bandwidth and cache shared with the other processes).")
 
 
 def main() -> None:

@@ -102,3 +102,17 @@ def test_hotpath_step_timings_run_against_the_current_code(tmp_path):
     for step in ("codec.decode_request", "FrameCodec.decode_infer + to_array", "ModelRuntime.run([1 item])",
                  "_reply: to_raw + copy to shm"):
         assert step in text
+
+
+def test_a_batching_point_reads_its_engine_numbers_from_the_real_server(tmp_path):
+    from bench.batching import make_repo, serve_point
+    from tests.server import start
+
+    repo = make_repo(tmp_path, delay_us=2000)
+    with start(repo, ["--intra-op-threads", "1"]) as server:
+        point = serve_point(server, "on", clients=4, seconds=1.0, client_processes=2)
+    assert point.errors == 0 and point.rps > 0
+    assert 1.0 <= point.mean_batch <= 4.0  # 4 clients of batch-1 requests
+    assert 0.0 < point.busy <= 1.2 and point.run_ms > 0
+    # the engine thread's CPU over the engine's run time: a share of the runs, never many times them
+    assert 0.2 < point.on_cpu < 1.5
