@@ -10,7 +10,7 @@ input set lets batches overlap, are covered in test_gpu_server.py.
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import shutil
 import threading
@@ -25,7 +25,7 @@ import tritonclient.grpc as grpcclient
 from service.batching import BatcherSettings, DynamicBatcher, QueuedRequest
 from service.errors import Cancelled, DeadlineExceeded
 from service.workers.runtime import Item
-from service.workers.worker import INLINE_BELOW_S, PIPELINE_DEPTH, _may_start, _Running
+from service.workers.worker import INLINE_BELOW_S, PIPELINE_DEPTH, _may_start, _Running, _start
 from tests.reference import reference_outputs
 from tests.server import start
 
@@ -100,6 +100,32 @@ def test_a_handed_over_batch_drops_cancelled_and_expired_requests_until_it_start
     assert items[3].error is None, "a started batch is not changed: the request is answered with it"
     gone = _Running(jobs[:1], [Item(1, {})], [time.monotonic() - 1])
     assert not gone.start(), "nothing left to run: the engine skips the batch"
+
+
+def test_a_batch_handed_to_the_idle_engine_thread_is_taken_before_the_loop_goes_on():
+    """The loop waits until the idle engine thread took the batch: otherwise the engine thread would wait
+    for the GIL while the loop answers the previous batch."""
+    release = threading.Event()
+
+    def execute(prepared: SimpleNamespace) -> list:
+        release.wait(5)  # a long batch
+        return []
+
+    runtime = SimpleNamespace(prepare=lambda items: SimpleNamespace(items=items), execute=execute,
+                              expected_seconds=lambda rows: 0.01)
+    engine = ThreadPoolExecutor(max_workers=1)
+    try:
+        for _ in range(5):
+            release.clear()
+            job = SimpleNamespace(rows=1, inputs={})
+            batch = _start(engine, runtime, (QueuedRequest(rows=1, deadline=None, payload=job),),
+                           SimpleNamespace(wake=lambda: None), inline_ok=True)
+            assert batch.started and not batch.inline, "taken by the engine thread before _start returned"
+            release.set()
+            assert batch.future.result(5) == []
+    finally:
+        release.set()
+        engine.shutdown()
 
 
 @pytest.mark.timeout(180)
