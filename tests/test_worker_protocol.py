@@ -412,3 +412,22 @@ def test_the_timeout_travels_as_a_double_and_none_as_nan():
     inputs = [("x", "FP32", (1, 16), 0, 64)]
     for timeout_s in (None, 0.0, 1e-6, 3600.5, math.inf):
         assert codec.decode_infer(_body(codec.encode_infer(1, inputs, ["y"], 64, 64, timeout_s))).timeout_s == timeout_s
+
+
+def test_outputs_of_a_batch_handed_to_the_engine_thread_survive_the_next_batch(tiny_runtime):
+    """`_execute` (the engine thread's run) copies a batch's outputs out of the pool once, so the batch
+    can be answered while the next one runs in the same buffers."""
+    from service.workers.worker import _execute
+
+    rng = np.random.default_rng(11)
+    first = [Item(1, {"x": rng.standard_normal((1, 16), dtype=np.float32)}) for _ in range(3)]
+    second = [Item(2, {"x": rng.standard_normal((2, 16), dtype=np.float32)}) for _ in range(2)]
+    tiny_runtime.run([Item(4, {"x": np.zeros((4, 16), np.float32)})])  # the pool holds 4 rows: no growth below
+    _execute(tiny_runtime, tiny_runtime.prepare(first))
+    kept = [item.outputs["y"].copy() for item in first]
+    _execute(tiny_runtime, tiny_runtime.prepare(second))  # the same pool rows, other values
+    for item, before in zip(first, kept):
+        np.testing.assert_array_equal(item.outputs["y"], before)
+    for item in first + second:
+        expected = reference_outputs("tiny", TINY.model_path, item.inputs)["y"]
+        np.testing.assert_allclose(item.outputs["y"], expected, rtol=1e-6)

@@ -194,9 +194,10 @@ class ModelRuntime:
                 raise
             return Prepared(items, side=side)  # the merged batch is over the pool cap: one by one
 
-    def execute(self, prepared: Prepared) -> list[Execution]:
-        """Run a prepared batch; sets each item's outputs (views of the pool until the next batch), or
-        its error. Returns the executions that ran."""
+    def execute(self, prepared: Prepared, detach: bool = False) -> list[Execution]:
+        """Run a prepared batch; sets each item's outputs (views of the pool until the next batch; with
+        `detach`, views of one copy of the batch's outputs, which the next batch leaves alone), or its
+        error. Returns the executions that ran."""
         if self.registry is None:  # no batch dimension: one request per execution
             done = []
             for item in prepared.items:
@@ -207,7 +208,7 @@ class ModelRuntime:
                 self._request_s = seconds if self._request_s is None else 0.8 * self._request_s + 0.2 * seconds
             return done
         if prepared.bufs is not None:
-            return [self._run_batch(prepared)]
+            return [self._run_batch(prepared, detach)]
         # Each request alone may still fit the cap. Its outputs are copied out of the pool, which the
         # next request's run reuses.
         done = []
@@ -235,14 +236,15 @@ class ModelRuntime:
                 bufs.inputs[t.name] = np.concatenate([i.inputs[t.name] for i in items])
         return Prepared(items, bufs, side, time.perf_counter() - t0)
 
-    def _run_batch(self, prepared: Prepared) -> Execution:
-        """Execute a gathered batch and point each item at its output rows."""
+    def _run_batch(self, prepared: Prepared, detach: bool = False) -> Execution:
+        """Execute a gathered batch and point each item at its output rows (of a copy, with `detach`)."""
         items, bufs = prepared.items, prepared.bufs
         rows = sum(i.rows for i in items)
         t1 = time.perf_counter()
         extra = self.registry.execute(rows, bufs)
         t2 = time.perf_counter()
-        outputs = {**{name: view[:rows] for name, view in bufs.outputs.items()}, **extra}
+        pooled = {name: view[:rows].copy() if detach else view[:rows] for name, view in bufs.outputs.items()}
+        outputs = {**pooled, **extra}
         for name, array in outputs.items():
             if array.shape[0] != rows:
                 raise InternalError(f"model '{self.spec.name}' returned {array.shape[0]} rows for output "

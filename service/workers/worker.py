@@ -379,13 +379,9 @@ def _run_when_wanted(runtime: ModelRuntime, batch: _Running, prepared: Prepared)
 
 
 def _execute(runtime: ModelRuntime, prepared: Prepared) -> list[Any]:
-    """Run a prepared batch and copy its outputs out of the pool (they are views of it), so that the
-    next batch can run before this one is answered."""
-    executions = runtime.execute(prepared)
-    for item in prepared.items:
-        item.outputs = {name: array.copy() if array.base is not None else array
-                        for name, array in item.outputs.items()}
-    return executions
+    """Run a prepared batch with its outputs copied out of the pool (one copy per output, not per
+    request), so that the next batch can run before this one is answered."""
+    return runtime.execute(prepared, detach=True)
 
 
 def _finish(running: _Running, codec: protocol.FrameCodec, stats: WorkerStats) -> None:
