@@ -107,7 +107,7 @@ def test_a_batch_handed_to_the_idle_engine_thread_is_taken_before_the_loop_goes_
     for the GIL while the loop answers the previous batch."""
     release = threading.Event()
 
-    def execute(prepared: SimpleNamespace) -> list:
+    def execute(prepared: SimpleNamespace, detach: bool) -> list:
         release.wait(5)  # a long batch
         return []
 
