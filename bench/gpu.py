@@ -78,7 +78,8 @@ def _device_used() -> int:
 
 class CpuShare:
     """CPU used by the server's frontend processes and by its workers while a load runs, in cores: a
-    frontend process near 1.0 core means its event loop is the bottleneck."""
+    frontend process near 1.0 core means its event loop is the bottleneck. Also the whole machine's busy
+    cores: near all of them, the load generator (the rest of it, mostly) has no core to spare either."""
 
     def __init__(self, server) -> None:
         import psutil
@@ -87,11 +88,15 @@ class CpuShare:
                           *(psutil.Process(pid) for pid in server.frontend_pids().values())]
         self.workers = server.workers()
 
-    def _times(self) -> tuple[float, float]:
+    def _times(self) -> tuple[float, float, float]:
+        import psutil
+
         def cpu(p) -> float:
             t = p.cpu_times()
             return t.user + t.system
-        return sum(cpu(f) for f in self.frontends), sum(cpu(w) for w in self.workers)
+        m = psutil.cpu_times()
+        busy = m.user + m.nice + m.system + getattr(m, "irq", 0.0) + getattr(m, "softirq", 0.0)
+        return sum(cpu(f) for f in self.frontends), sum(cpu(w) for w in self.workers), busy
 
     def __enter__(self) -> CpuShare:
         self.t0, self.start = time.monotonic(), self._times()
@@ -102,10 +107,11 @@ class CpuShare:
         end = self._times()
         self.frontend_cores = (end[0] - self.start[0]) / wall
         self.worker_cores = (end[1] - self.start[1]) / wall
+        self.machine_cores = (end[2] - self.start[2]) / wall
 
     def __str__(self) -> str:
         return (f"{len(self.frontends)} frontend process(es) {self.frontend_cores:.2f} cores, model workers "
-                f"{self.worker_cores:.2f} cores")
+                f"{self.worker_cores:.2f} cores, machine {self.machine_cores:.1f} of {os.cpu_count()} busy")
 
 
 @contextlib.contextmanager
@@ -148,9 +154,10 @@ def engine_alone(repo: Path, model: str, batch: int, seconds: float) -> float:
     return rate
 
 
-def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: Path, code: Path = ROOT) -> dict:
+def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: Path, code: Path = ROOT,
+          client_processes: int = 8) -> dict:
     """(a) and (b) against one server with `frontends` frontend processes, running the `service`
-    package of the checkout `code`."""
+    package of the checkout `code`, loaded by 64 clients in `client_processes` processes."""
     rng = np.random.default_rng(0)
     args = ["--model-control-mode", "explicit", "--load-model", "convnet", "--load-model", "tiny",
             *(["--frontend-processes", str(frontends)] if frontends > 1 else [])]  # checkouts without the flag
@@ -161,14 +168,16 @@ def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: 
                   _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"'))
         phases_before = _phases(server.metrics_port, "convnet")
         with CpuShare(server) as convnet_cpu, profiled(py_spy, server, "convnet", seconds, out, f"{frontends}fe"):
-            convnet = run_load_processes(server.url, "convnet", x8, 64, seconds, {"x": "FP32"}, processes=8)
+            convnet = run_load_processes(server.url, "convnet", x8, 64, seconds, {"x": "FP32"},
+                                         processes=client_processes)
         rows = _metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"') - before[0]
         execs = _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"') - before[1]
         phases = {k: v - phases_before[k] for k, v in _phases(server.metrics_port, "convnet").items()}
         # (b) tiny, batch-1 requests from 64 clients: the frontend's ceiling.
         x1 = {"x": rng.standard_normal((1, 16), dtype=np.float32)}
         with CpuShare(server) as tiny_cpu, profiled(py_spy, server, "tiny", seconds, out, f"{frontends}fe"):
-            tiny = run_load_processes(server.url, "tiny", x1, 64, seconds, {"x": "FP32"}, processes=8)
+            tiny = run_load_processes(server.url, "tiny", x1, 64, seconds, {"x": "FP32"},
+                                      processes=client_processes)
     label = str(frontends) if code == ROOT else f"{frontends} ({code.name})"
     return {"frontends": label, "convnet": convnet, "mean_batch": rows / max(execs, 1),
             "phases_ms": {k: v * 1e3 / max(execs, 1) for k, v in phases.items()},
@@ -208,6 +217,8 @@ def main() -> None:
     parser.add_argument("--compare-with", type=Path, default=None,
                         help="another checkout (its `service` package and generated protos): each (a)/(b) "
                              "point also runs on it, alternately with this one, rows marked with its name")
+    parser.add_argument("--client-processes", type=int, default=8,
+                        help="load generator processes the 64 clients are spread over")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     models = ROOT / "examples" / "models"
@@ -216,11 +227,13 @@ def main() -> None:
     counts = [int(n) for n in args.frontend_processes.split(",")]
     lines = ["# GPU end to end", "", f"Machine: {platform.node()}, {os.cpu_count()} CPU cores; "
              f"`nvidia-smi -L`: {subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True).stdout.strip()}",
-             f"Command: `python3 -m bench.gpu --seconds {args.seconds} --frontend-processes {args.frontend_processes}`",
-             "", "Clients: 64 closed-loop tritonclient threads in 8 processes, each with its own TCP connection.",
+             f"Command: `python3 -m bench.gpu --seconds {args.seconds} --frontend-processes {args.frontend_processes}"
+             f" --client-processes {args.client_processes}`",
+             "", f"Clients: 64 closed-loop tritonclient threads in {args.client_processes} processes, each with its "
+             "own TCP connection.",
              ""]
     codes = [ROOT] if args.compare_with is None else [ROOT, args.compare_with.resolve()]
-    runs = [serve(repo, n, args.seconds, args.py_spy, args.out, code)
+    runs = [serve(repo, n, args.seconds, args.py_spy, args.out, code, args.client_processes)
             for i, n in enumerate(counts) for code in (codes if i % 2 == 0 else codes[::-1])]
     alone: dict[int, float] = {}
     batch_path: dict[int, float] = {}
