@@ -69,6 +69,14 @@ def _phases(port: int, model: str) -> dict[str, float]:
             for phase in ("input", "infer", "output")}
 
 
+def _waits(port: int, model: str) -> dict[str, float]:
+    """Sums and counts of the request durations the frontends measured and of the worker's queue times."""
+    label = f'model="{model}"'
+    names = {"server_s": "request_duration_seconds_sum", "requests": "request_duration_seconds_count",
+             "queue_s": "queue_duration_seconds_sum", "queued": "queue_duration_seconds_count"}
+    return {key: _metric(port, f"trtserve_{name}", label) for key, name in names.items()}
+
+
 def _device_used() -> int:
     from cuda.bindings import runtime as rt
 
@@ -166,13 +174,14 @@ def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: 
         x8 = {"x": rng.standard_normal((8, 16, 32, 32), dtype=np.float32)}
         before = (_metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"'),
                   _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"'))
-        phases_before = _phases(server.metrics_port, "convnet")
+        phases_before, waits_before = _phases(server.metrics_port, "convnet"), _waits(server.metrics_port, "convnet")
         with CpuShare(server) as convnet_cpu, profiled(py_spy, server, "convnet", seconds, out, f"{frontends}fe"):
             convnet = run_load_processes(server.url, "convnet", x8, 64, seconds, {"x": "FP32"},
                                          processes=client_processes)
         rows = _metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"') - before[0]
         execs = _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"') - before[1]
         phases = {k: v - phases_before[k] for k, v in _phases(server.metrics_port, "convnet").items()}
+        waits = {k: v - waits_before[k] for k, v in _waits(server.metrics_port, "convnet").items()}
         # (b) tiny, batch-1 requests from 64 clients: the frontend's ceiling.
         x1 = {"x": rng.standard_normal((1, 16), dtype=np.float32)}
         with CpuShare(server) as tiny_cpu, profiled(py_spy, server, "tiny", seconds, out, f"{frontends}fe"):
@@ -181,6 +190,8 @@ def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: 
     label = str(frontends) if code == ROOT else f"{frontends} ({code.name})"
     return {"frontends": label, "convnet": convnet, "mean_batch": rows / max(execs, 1),
             "phases_ms": {k: v * 1e3 / max(execs, 1) for k, v in phases.items()},
+            "server_ms": waits["server_s"] * 1e3 / max(waits["requests"], 1),
+            "queue_ms": waits["queue_s"] * 1e3 / max(waits["queued"], 1),
             "convnet_cpu": convnet_cpu, "tiny": tiny, "tiny_cpu": tiny_cpu}
 
 
@@ -253,6 +264,19 @@ def main() -> None:
                      f"{served.percentile_ms(99):.1f} | {served.errors} | {run['mean_batch']:.1f} | "
                      f"{alone[batch]:.0f} | {ratio:.0%} ({verdict} against the 80% goal) | "
                      f"{' / '.join(f'{v:.2f}' for v in run['phases_ms'].values())} | {run['convnet_cpu']} |")
+    lines += ["", "Where a request's time went in (a), means in ms: as the client saw it; inside the server "
+              "(trtserve_request_duration_seconds, from the decoded request to the encoded answer); of that, "
+              "queued in the worker (trtserve_queue_duration_seconds) and its batch's compute (gather + run + "
+              "answer); the rest of the server's part (frontend, worker link, the worker's receive path); and "
+              "outside the server (client, gRPC, kernel).", "",
+              "| frontend processes | client | server | worker queue | batch compute | rest of server | outside |",
+              "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        client_ms = float(np.mean(run["convnet"].latencies_s)) * 1e3
+        compute_ms = sum(run["phases_ms"].values())
+        lines.append(f"| {run['frontends']} | {client_ms:.2f} | {run['server_ms']:.2f} | {run['queue_ms']:.2f} | "
+                     f"{compute_ms:.2f} | {run['server_ms'] - run['queue_ms'] - compute_ms:.2f} | "
+                     f"{client_ms - run['server_ms']:.2f} |")
     lines += ["", "The worker's batch path alone (`ModelRuntime.run` in one process: batch-8 requests gathered into "
               "the pool, run, split back; no IPC, no gRPC), inferences/s: "
               + ", ".join(f"batch {b}: {r:.0f} ({r / alone[b]:.0%} of the engine alone)"
