@@ -20,9 +20,9 @@ from service.frontend.codec import (
     WireTensor,
     decode_checked,
     decode_request,
-    encode_response,
     tensor_metadata,
 )
+from service.frontend.response_wire import ResponseEncoder
 from service.proto import inference_pb2, model_config_pb2
 from service.repository import ModelSpec, TensorSpec
 
@@ -95,8 +95,8 @@ def test_raw_roundtrip(datatype):
     np.testing.assert_array_equal(decoded, array)
 
     # outputs as a worker makes them: to_raw's memoryview for fixed sizes, bytes for BYTES
-    response = encode_response(request, spec, [WireTensor("out", datatype, wire.shape,
-                                                          tensors.to_raw(decoded, datatype))])
+    response = inference_pb2.ModelInferResponse.FromString(ResponseEncoder(spec).encode(
+        request.id, [WireTensor("out", datatype, wire.shape, tensors.to_raw(decoded, datatype))]))
     assert (response.model_name, response.model_version, response.id) == ("m", "3", "req-1")
     assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [("out", datatype, [2, 3])]
     back = tensors.to_array(datatype, response.outputs[0].shape, response.raw_output_contents[0])
@@ -278,10 +278,10 @@ def test_wire_compatible_with_tritonclient():
     for datatype, tensor in zip(types, wire):
         np.testing.assert_array_equal(tensors.to_array(datatype, tensor.shape, tensor.data), sample(datatype))
 
-    response = encode_response(ours, spec, [WireTensor(f"out_{w.datatype}", w.datatype, w.shape, w.data)
-                                            for w in wire])
+    response = ResponseEncoder(spec).encode(ours.id, [WireTensor(f"out_{w.datatype}", w.datatype, w.shape, w.data)
+                                                      for w in wire])
     parsed = service_pb2.ModelInferResponse()
-    parsed.ParseFromString(response.SerializeToString())
+    parsed.ParseFromString(response)
     result = InferResult(parsed)
     assert result.get_response().id == "abc"
     for datatype in types:

@@ -127,3 +127,40 @@ def _drain(call) -> list:
         return [r.infer_response.id for r in call]
     except grpc.RpcError as err:
         return [err.code()]
+
+
+def test_an_answer_another_process_gave_as_a_message_goes_out_unary_and_streamed():
+    """An extra frontend forwards a request it has no route for to the parent and gets a message back
+    (not the bytes its own encoder writes): both RPCs send that too."""
+    import asyncio
+
+    from service.frontend.request_wire import service_handlers
+    from service.frontend.servicer import SERVICE, InferRpcs
+    from service.proto import inference_pb2 as pb
+
+    class Forwarded(InferRpcs):
+        async def _infer(self, parsed, timeout_s, stream=False):  # what ReplicaServicer returns then
+            m = parsed.message
+            return pb.ModelInferResponse(model_name=m.model_name, model_version="7", id=m.id)
+
+    def call(port: int) -> tuple[list, object]:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            streamed = list(stub.ModelStreamInfer(iter([Request(model_name="m", id=k) for k in "ab"]), timeout=10))
+            return streamed, stub.ModelInfer(Request(model_name="m", id="c"), timeout=10)
+
+    async def scenario() -> tuple[list, object]:
+        rpcs = Forwarded(models=None, metrics=None)
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([service_handlers(rpcs, SERVICE, rpcs.handlers())])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            return await asyncio.to_thread(call, port)
+        finally:
+            await server.stop(0)
+
+    streamed, unary = asyncio.run(scenario())
+    assert sorted((r.error_message, r.infer_response.id, r.infer_response.model_version) for r in streamed) == [
+        ("", "a", "7"), ("", "b", "7")]
+    assert (unary.id, unary.model_version) == ("c", "7")

@@ -1,4 +1,4 @@
-"""ModelInferRequest -> validated raw tensors, and raw output tensors -> ModelInferResponse.
+"""ModelInferRequest -> validated raw tensors (answers are written by `response_wire`).
 
 Every check a client can fail happens here, in the frontend, before a request reaches a worker: names,
 datatypes, shapes against the model config, and the byte or element count that the declared shape
@@ -15,6 +15,7 @@ import numpy as np
 from service import tensors
 from service.datatypes import NUMPY_DTYPES
 from service.errors import InvalidArgument
+from service.frontend.response_wire import ResponseEncoder
 from service.proto import inference_pb2
 from service.repository import ModelSpec, TensorSpec
 from service.tensors import WireTensor
@@ -206,12 +207,13 @@ class RequestPlan:
     """What `decode_request`'s fast path checks a request against, computed once per ModelSpec object:
     per input (name, datatype, label, full config shape, fixed dims without the batch dim or None when
     one is -1, elements per row, bytes per element, kind); None when the spec has an input the fast path
-    cannot judge (a dim below -1, an unknown datatype)."""
+    cannot judge (a dim below -1, an unknown datatype). Also the encoder of the model's answers."""
 
-    __slots__ = ("inputs", "max_batch", "output_names", "spec")
+    __slots__ = ("inputs", "max_batch", "output_names", "response", "spec")
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
+        self.response = ResponseEncoder(spec)
         self.max_batch = spec.max_batch_size
         self.output_names = tuple(t.name for t in spec.outputs)
         entries: list[tuple] | None = []
@@ -373,17 +375,3 @@ def decode_checked(
         decoded.append(WireTensor(cfg.name, cfg.datatype, shape, data))
     return decoded, output_names
 
-
-def encode_response(
-    request: inference_pb2.ModelInferRequest, spec: ModelSpec, outputs: list[WireTensor]
-) -> inference_pb2.ModelInferResponse:
-    """The response for `request`: metadata and raw_output_contents of `outputs`, in the same order."""
-    meta = inference_pb2.ModelInferResponse.InferOutputTensor
-    # protobuf takes only `bytes`; a memoryview is copied once here and the message built in one call.
-    return inference_pb2.ModelInferResponse(
-        model_name=spec.name,
-        model_version=str(spec.version),
-        id=request.id,
-        outputs=[meta(name=o.name, datatype=o.datatype, shape=o.shape) for o in outputs],
-        raw_output_contents=[o.data if isinstance(o.data, bytes) else bytes(o.data) for o in outputs],
-    )

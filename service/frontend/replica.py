@@ -45,9 +45,10 @@ class ReplicaServicer(InferRpcs):
         self._routes = routes
         self._parent = parent
 
-    async def _infer(self, request: InferRequest, timeout_s: float | None) -> pb.ModelInferResponse:
+    async def _infer(self, request: InferRequest, timeout_s: float | None,
+                     stream: bool = False) -> bytes | pb.ModelInferResponse:
         if self._routes.route(request.message.model_name, request.message.model_version) is not None:
-            return await super()._infer(request, timeout_s)
+            return await super()._infer(request, timeout_s, stream)
         try:
             return await self._parent.ModelInfer(request.whole(), timeout=timeout_s)
         except grpc.aio.AioRpcError as err:

@@ -17,6 +17,7 @@ from service.frontend import codec
 from service.frontend.errors import status_of
 from service.frontend.health import Health
 from service.frontend.request_wire import InferRequest, parse_infer_request
+from service.frontend.response_wire import serialize
 from service.metrics import ServerMetrics
 from service.proto import inference_pb2 as pb
 from service.proto import inference_pb2_grpc
@@ -53,17 +54,15 @@ class InferRpcs(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """The two RPCs' handlers by full method name; requests arrive as `InferRequest`s (their tensor
-        bytes not copied out of the received message)."""
+        bytes not copied out of the received message), answers leave as the bytes `ResponseEncoder` wrote."""
         return {
             f"/{SERVICE}/ModelInfer": grpc.unary_unary_rpc_method_handler(
-                self.ModelInfer, request_deserializer=parse_infer_request,
-                response_serializer=pb.ModelInferResponse.SerializeToString),
+                self.ModelInfer, request_deserializer=parse_infer_request, response_serializer=serialize),
             f"/{SERVICE}/ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
-                self.ModelStreamInfer, request_deserializer=parse_infer_request,
-                response_serializer=pb.ModelStreamInferResponse.SerializeToString),
+                self.ModelStreamInfer, request_deserializer=parse_infer_request, response_serializer=serialize),
         }
 
-    async def ModelInfer(self, request: InferRequest, context: Context) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: InferRequest, context: Context) -> bytes | pb.ModelInferResponse:
         return await self._infer(request, context.time_remaining())
 
     async def ModelStreamInfer(self, requests: AsyncIterator[InferRequest], context: Context) -> None:
@@ -79,7 +78,9 @@ class InferRpcs(inference_pb2_grpc.GRPCInferenceServiceServicer):
             task = asyncio.current_task()
             try:
                 try:
-                    response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+                    response = await self._infer(request, None, stream=True)
+                    if not isinstance(response, bytes):  # another process's answer, as a message
+                        response = pb.ModelStreamInferResponse(infer_response=response)
                 except Exception as exc:
                     _, message = status_of(exc)
                     m = request.message
@@ -108,7 +109,10 @@ class InferRpcs(inference_pb2_grpc.GRPCInferenceServiceServicer):
             for task in tasks:
                 task.cancel()
 
-    async def _infer(self, parsed: InferRequest, timeout_s: float | None) -> pb.ModelInferResponse:
+    async def _infer(self, parsed: InferRequest, timeout_s: float | None,
+                     stream: bool = False) -> bytes | pb.ModelInferResponse:
+        """Run one request; its answer serialized (for a stream: a ModelStreamInferResponse), or a message
+        another process answered with."""
         started = time.perf_counter()
         request = parsed.message
         handle = self._models.get(request.model_name, request.model_version)  # before any metric label
@@ -116,14 +120,15 @@ class InferRpcs(inference_pb2_grpc.GRPCInferenceServiceServicer):
         rows = 0
         status = "OK"
         try:
-            inputs, output_names = codec.decode_request(request, spec, parsed.raw, self._plans.get(spec))
+            plan = self._plans.get(spec)
+            inputs, output_names = codec.decode_request(request, spec, parsed.raw, plan)
             rows = inputs[0].shape[0] if spec.max_batch_size > 0 and inputs else 1
             self._metrics.add_pending(spec.name, spec.version, 1)
             try:
                 outputs = await handle.infer(inputs, output_names, timeout_s)
             finally:
                 self._metrics.add_pending(spec.name, spec.version, -1)
-            return codec.encode_response(request, spec, outputs)
+            return plan.response.encode(request.id, outputs, stream)
         except ServeError as exc:
             status = exc.code
             raise
@@ -207,10 +212,10 @@ class _Responses:
 
     def __init__(self, context: Context) -> None:
         self._context = context
-        self._pending: deque[pb.ModelStreamInferResponse] = deque()
+        self._pending: deque[bytes | pb.ModelStreamInferResponse] = deque()
         self._writing = False
 
-    async def send(self, response: pb.ModelStreamInferResponse) -> None:
+    async def send(self, response: bytes | pb.ModelStreamInferResponse) -> None:
         """Write `response`, or leave it to the write in progress, which writes it next."""
         self._pending.append(response)
         if self._writing:
