@@ -40,6 +40,11 @@ class WireTensor:
     data: bytes | memoryview
 
 
+def nbytes(data: bytes | memoryview) -> int:
+    """Size in bytes of a WireTensor's data (a memoryview's `len` counts items, not bytes)."""
+    return data.nbytes if isinstance(data, memoryview) else len(data)
+
+
 def format_shape(shape: Sequence[int]) -> str:
     """A shape as `[2,3]`, the form used in every error message."""
     return "[" + ",".join(str(d) for d in shape) + "]"

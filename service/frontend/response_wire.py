@@ -12,7 +12,7 @@ them). gRPC sends them as they are (`serialize`).
 from __future__ import annotations
 
 from service.repository import ModelSpec
-from service.tensors import WireTensor
+from service.tensors import WireTensor, nbytes
 
 # Field keys (field number << 3 | wire type 2, length-delimited) of the fields written here.
 _MODEL_NAME, _MODEL_VERSION, _ID, _OUTPUTS, _RAW_OUTPUT_CONTENTS = b"\x0a", b"\x12", b"\x1a", b"\x2a", b"\x32"
@@ -37,10 +37,6 @@ def _field(key: bytes, payload: bytes) -> bytes:
     return key + varint(len(payload)) + payload
 
 
-def _nbytes(data: bytes | memoryview) -> int:
-    return data.nbytes if isinstance(data, memoryview) else len(data)
-
-
 class ResponseEncoder:
     """The answers of one model version, as serialized `ModelInferResponse`s (or stream responses)."""
 
@@ -56,9 +52,9 @@ class ResponseEncoder:
             parts.append(_field(_ID, request_id.encode()))
         parts.append(self._outputs_meta(outputs))
         for out in outputs:
-            parts += (_RAW_OUTPUT_CONTENTS, varint(_nbytes(out.data)), out.data)
+            parts += (_RAW_OUTPUT_CONTENTS, varint(nbytes(out.data)), out.data)
         if stream:
-            size = sum(map(_nbytes, parts))
+            size = sum(map(nbytes, parts))
             parts[:0] = (_STREAM_INFER_RESPONSE, varint(size))
         return b"".join(parts)
 

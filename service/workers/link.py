@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from service import tensors
 from service.datatypes import element_size
 from service.errors import ResourceExhausted, ServeError, Unavailable
 from service.repository import ModelSpec
@@ -149,7 +150,7 @@ class WorkerLink(asyncio.Protocol):
     async def _infer(self, inputs: list[WireTensor], output_names: list[str],
                      timeout_s: float | None) -> list[WireTensor]:
         arena = self.arena
-        sizes = [_nbytes(t.data) for t in inputs]
+        sizes = [tensors.nbytes(t.data) for t in inputs]
         rows = inputs[0].shape[0] if self._batched and inputs else 1
         out_bytes = rows * sum(map(self._row_bytes.get, output_names, itertools.repeat(0)))
         nbytes = sum(sizes) + out_bytes
@@ -197,7 +198,3 @@ class WorkerLink(asyncio.Protocol):
         frames, self._outbox = self._outbox, []
         if self._transport is not None:
             self._transport.write(b"".join(frames))  # a dying link fails the pending requests itself
-
-
-def _nbytes(data: bytes | memoryview) -> int:
-    return data.nbytes if isinstance(data, memoryview) else len(data)
