@@ -49,11 +49,8 @@ def _batcher(max_batch_size: int = 4) -> DynamicBatcher:
     return DynamicBatcher(BatcherSettings(model="m", max_batch_size=max_batch_size))
 
 
-def _running(done: bool = False, inline: bool = False) -> _Running:
-    batch = _Running([], [], [], future=Future(), inline=inline)
-    if done:
-        batch.future.set_result([])
-    return batch
+def _running() -> _Running:
+    return _Running([], [], [], future=Future())
 
 
 def _queue(batcher: DynamicBatcher, rows: int) -> None:
@@ -76,8 +73,6 @@ def test_a_full_batch_waiting_goes_to_a_busy_engine_thread_and_a_partial_one_wai
     assert not _may_start(busy, batcher, _runtime(expected_s=None)), "nor one of unknown length"
     full = deque(_running() for _ in range(PIPELINE_DEPTH))
     assert not _may_start(full, batcher, OVERLAPS), f"at most {PIPELINE_DEPTH} batches are handed over at once"
-    assert not _may_start(deque([_running(done=True, inline=True)]), batcher, OVERLAPS), \
-        "a batch run inline is answered before the next starts (it used the pool on this thread)"
 
 
 def test_a_model_without_dynamic_batching_hands_over_any_waiting_request():

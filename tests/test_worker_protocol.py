@@ -15,7 +15,9 @@ import math
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,7 +34,7 @@ from service.workers.connections import Channel
 from service.workers.shm import Arena, attach
 from service.metrics import WorkerStats
 from service.workers.runtime import Item, ModelRuntime
-from service.workers.worker import WorkerOptions, _dispatch, _Job, _reply
+from service.workers.worker import WorkerOptions, _dispatch, _finish, _Job, _reply, _take_batch
 from tests.reference import reference_outputs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
@@ -375,6 +377,44 @@ def test_a_short_unbatched_request_at_an_idle_worker_is_answered_on_arrival(fron
     assert [r.payload.id for r in batcher.next_batch(timeout=0).expired] == [35]
     for queued in batcher._queue:
         queued.payload.inputs = {}
+
+
+def test_a_queued_request_run_inline_is_answered_in_its_turn_and_the_next_one_runs_on_arrival(frontend,
+                                                                                               tiny_runtime):
+    """A request that queued (a batch was running when it arrived) and then runs inline on the loop's thread
+    is answered in the same turn: it does not stay in `running`, where it would send the next request
+    through the queue too (and under steady load every one after it)."""
+    codec, stats = protocol.FrameCodec(TINY), tiny_runtime.stats
+    xs = np.random.default_rng(5).standard_normal((2, 1, 16), dtype=np.float32)
+    frontend.arena.buf[0:128] = xs.tobytes()
+    channel = frontend.channel()
+    batcher = DynamicBatcher(BatcherSettings.for_model(TINY.config))
+    running: deque = deque()
+    finished: list = []
+
+    def infer(request_id: int, at: int, busy: bool = False) -> None:
+        frame = codec.encode_infer(request_id, [("x", "FP32", (1, 16), at, 64)], ["y"], 256 + at, 64, None)
+        _dispatch(channel, _body(frame), codec, tiny_runtime, batcher, running=[object()] if busy else running,
+                  pongs=[])
+
+    infer(41, at=0, busy=True)
+    assert batcher.queued_requests == 1
+    engine = ThreadPoolExecutor(max_workers=1)
+    try:
+        _take_batch(engine, tiny_runtime, batcher, SimpleNamespace(wake=lambda: None), running, finished)
+    finally:
+        engine.shutdown()
+    assert not running and len(finished) == 1 and finished[0].inline, "run inline, to be answered this turn"
+    _finish(finished.pop(), codec, stats)
+    infer(42, at=64)
+    assert batcher.queued_requests == 0, "the worker is idle: 42 ran on arrival"
+    answers = [codec.decode_result(frame) for frame in _answers(frontend, channel)]
+    assert [(request_id, slots) for request_id, slots, _ in answers] == [
+        (41, [(0, (1, 16), 256, 64, False)]), (42, [(0, (1, 16), 320, 64, False)])]
+    y = np.frombuffer(frontend.arena.buf[256:384], np.float32).reshape(2, 1, 16)
+    for k in range(2):
+        np.testing.assert_allclose(y[k], reference_outputs("tiny", TINY.model_path, {"x": xs[k]})["y"], rtol=1e-6)
+    del y  # a view of the arena, which the fixture closes
 
 
 def _job(channel: Channel, spec: ModelSpec, outputs: list[str], out_offset: int, out_nbytes: int) -> _Job:
