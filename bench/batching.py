@@ -17,6 +17,11 @@ the engine alone at the mean executed batch. Clients, frontend, worker and engin
 The table takes the ratio apart: served / alone = (share of the time the served engine was busy) x
 (engine alone's time per run / served engine's time per run), and says whether a slower served run
 waited for a core (the engine thread's CPU time over its run time, from /proc).
+`--server-cpus` and `--client-cpus` (CPU lists such as 0-7,16-23) keep the load generator off the cores
+that serve: the server's processes (every thread) and the engine alone on one set, the client processes on
+the other. On a machine where clients and server share cores, the served engine runs on a core whose
+other hardware thread, cache and memory bandwidth the clients use while the engine alone had them to
+itself; in production the clients are elsewhere. The default pins nothing.
 `--intra-op-threads N` configures the served engine and the engine alone alike. The default is 1: the
 engine alone then has one core, as the served engine has at most while clients and frontend use the
 others (0, ONNX Runtime's default of one thread per core, gives the engine alone every core, which the
@@ -147,6 +152,35 @@ def serve_point(server: ServerProcess, mode: str, clients: int, seconds: float,
                  busy, run_ms, on_cpu)
 
 
+def parse_cpus(text: str) -> set[int]:
+    """A CPU list as taskset and cgroups write it ("0-3,8") as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def cpu_list(cpus: set[int]) -> str:
+    """`parse_cpus` backwards: {0, 1, 2, 3, 8} as "0-3,8"."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def pin(pid: int, cpus: set[int], descendants: bool = True) -> None:
+    """Every thread of process `pid` (and of its descendants) onto `cpus`; the threads and processes they
+    start later inherit it. (sched_setaffinity on a process id moves only its main thread.)"""
+    process = psutil.Process(pid)
+    for proc in [process, *(process.children(recursive=True) if descendants else ())]:
+        for thread in proc.threads():
+            os.sched_setaffinity(thread.id, cpus)
+
+
 class EngineAlone:
     """The mlp engine in this process, timed at the batch sizes a point needs.
 
@@ -231,6 +265,11 @@ def main() -> None:
                         help="comma-separated preferred_batch_size of mlp_batched ('' for none)")
     parser.add_argument("--client-processes", type=int, default=CLIENT_PROCESSES,
                         help="load generator processes the clients are spread over (at most one per client)")
+    parser.add_argument("--server-cpus", type=parse_cpus, default=None,
+                        help="CPUs of the server (all its processes and threads) and of the engine alone, "
+                             "e.g. 0-7 (default: not pinned)")
+    parser.add_argument("--client-cpus", type=parse_cpus, default=None,
+                        help="CPUs of the load generator processes, e.g. 8-15 (default: not pinned)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the report (markdown) to write")
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 8.0)
@@ -243,9 +282,15 @@ def main() -> None:
         engine = EngineAlone(repo, seconds=1.5 if args.quick else 4.0, intra_op_threads=args.intra_op_threads)
         with start(repo, ["--frontend-processes", str(args.frontend_processes),
                           "--intra-op-threads", str(args.intra_op_threads)]) as server:
+            if args.server_cpus:
+                pin(server.proc.pid, args.server_cpus)
             for mode in ("on", "off"):
                 for clients in counts:
+                    if args.client_cpus:  # the load generator's processes inherit it
+                        pin(os.getpid(), args.client_cpus, descendants=False)
                     points.append(p := serve_point(server, mode, clients, seconds, args.client_processes))
+                    if args.server_cpus:
+                        pin(os.getpid(), args.server_cpus, descendants=False)
                     median, fastest, slowest = engine.seconds_per_run(p.mean_batch)
                     p.engine_run_ms, p.engine_spread_ms = median * 1e3, (fastest * 1e3, slowest * 1e3)
                     p.engine_rps = p.mean_batch / p.engine_run_ms * 1e3
@@ -262,14 +307,19 @@ def main() -> None:
         verdict += (f"\n\nCaution: the machine was busy with other work before the run (load average "
                     f"{load_before:.1f} on {os.cpu_count()} CPUs); every number above moves with it, the "
                     f"ratios included. Rerun on an idle machine before trusting them.")
+    sharing = ("shared by clients, server and engine" if not (args.server_cpus or args.client_cpus) else
+               f"server and engine alone on {cpu_list(args.server_cpus) if args.server_cpus else 'any'}, "
+               f"clients on {cpu_list(args.client_cpus) if args.client_cpus else 'any'}")
     report = "\n".join([
         "# Dynamic batching: mlp, batch-1 requests", "",
         f"`.venv/bin/python -m bench.batching{' --quick' if args.quick else ''} --frontend-processes "
         f"{args.frontend_processes} --intra-op-threads {args.intra_op_threads} --max-queue-delay-us "
         f"{args.max_queue_delay_us} --preferred-batch-sizes '{args.preferred_batch_sizes}' "
         f"--client-processes {args.client_processes}"
+        f"{f' --server-cpus {cpu_list(args.server_cpus)}' if args.server_cpus else ''}"
+        f"{f' --client-cpus {cpu_list(args.client_cpus)}' if args.client_cpus else ''}"
         f"{'' if args.out == RESULTS else f' --out {args.out}'}`: {seconds:g} s per point, "
-        f"{os.cpu_count()} CPUs shared by clients, server and engine (1-minute load average before/after: "
+        f"{os.cpu_count()} CPUs, {sharing} (1-minute load average before/after: "
         f"{load_before:.1f}/{load_after:.1f}); max_queue_delay {args.max_queue_delay_us} µs, preferred "
         f"{'/'.join(map(str, preferred)) or 'none'}.",
         "", table(points), "", EXPLAINED, "", verdict, ""])

@@ -116,3 +116,31 @@ def test_a_batching_point_reads_its_engine_numbers_from_the_real_server(tmp_path
     assert 0.0 < point.busy <= 1.2 and point.run_ms > 0
     # the engine thread's CPU over the engine's run time: a share of the runs, never many times them
     assert 0.2 < point.on_cpu < 1.5
+
+
+def test_cpu_lists_read_and_write_as_taskset_does():
+    from bench.batching import cpu_list, parse_cpus
+
+    assert parse_cpus("0-3,8,10-11") == {0, 1, 2, 3, 8, 10, 11}
+    assert cpu_list({11, 0, 1, 2, 3, 8, 10}) == "0-3,8,10-11"
+    assert parse_cpus("5") == {5} and cpu_list({5}) == "5"
+
+
+def test_pinning_a_server_moves_every_thread_of_every_process_it_started(tmp_path):
+    """bench.batching --server-cpus: the frontend's threads (gRPC's included) and the model worker's, not
+    only each process's main thread; threads started later inherit it."""
+    import os
+
+    import psutil
+
+    from bench.batching import make_repo, pin, serve_point
+    from tests.server import start
+
+    cpu = min(os.sched_getaffinity(0))
+    with start(make_repo(tmp_path), ["--intra-op-threads", "1"]) as server:
+        pin(server.proc.pid, {cpu})
+        serve_point(server, "on", clients=2, seconds=0.5, client_processes=1)  # starts the engine thread
+        processes = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
+        threads = [t.id for p in processes for t in p.threads()]
+        assert len(processes) >= 2 and len(threads) > 2 * len(processes)
+        assert {tid: os.sched_getaffinity(tid) for tid in threads} == {tid: {cpu} for tid in threads}
