@@ -3,7 +3,8 @@ and the engine sweep in real device memory. Writes bench/results/gpu/REPORT-gpu.
 
     python3 -m bench.gpu [--seconds 10] [--out bench/results/gpu] [--frontend-processes 1,4]
 
-(a) and (b) run once per frontend process count, side by side.
+(a) and (b) run once per frontend process count, side by side; (a)'s load also runs against as many bare
+grpc.aio floor servers (`bench/floor_server.py`), the ceiling that gRPC and the load generator leave.
 
 Needs onnxruntime-gpu (CUDAExecutionProvider) and cuda-python; models come from `examples/generate_models.py`.
 """
@@ -16,6 +17,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -89,12 +91,16 @@ class CpuShare:
     frontend process near 1.0 core means its event loop is the bottleneck. Also the whole machine's busy
     cores: near all of them, the load generator (the rest of it, mostly) has no core to spare either."""
 
-    def __init__(self, server) -> None:
+    def __init__(self, server=None, pids: list[int] = ()) -> None:
+        """The frontend processes and workers of trtserve's `server`, or the processes `pids` (the floor)."""
         import psutil
 
-        self.frontends = [psutil.Process(server.proc.pid),
-                          *(psutil.Process(pid) for pid in server.frontend_pids().values())]
-        self.workers = server.workers()
+        self.frontends = [psutil.Process(pid) for pid in pids]
+        self.workers = []
+        if server is not None:
+            self.frontends += [psutil.Process(server.proc.pid),
+                               *(psutil.Process(pid) for pid in server.frontend_pids().values())]
+            self.workers = server.workers()
 
     def _times(self) -> tuple[float, float, float]:
         import psutil
@@ -195,6 +201,24 @@ def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: 
             "convnet_cpu": convnet_cpu, "tiny": tiny, "tiny_cpu": tiny_cpu}
 
 
+def floor(processes: int, seconds: float, client_processes: int) -> dict:
+    """(a)'s load against `processes` bare grpc.aio floor servers sharing one port: no parsing, no model,
+    the same constant answer to every request. What gRPC and this load generator deliver on this machine
+    when the server does nothing: the ceiling (a) is measured under."""
+    from bench.overhead import FloorProcess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    x8 = {"x": np.random.default_rng(0).standard_normal((8, 16, 32, 32), dtype=np.float32)}
+    with contextlib.ExitStack() as stack:
+        floors = [stack.enter_context(FloorProcess(port=port)) for _ in range(processes)]
+        with CpuShare(pids=[f.proc.pid for f in floors]) as cpu:
+            result = run_load_processes(floors[0].url, "convnet", x8, 64, seconds, {"x": "FP32"},
+                                        processes=client_processes)
+    return {"processes": processes, "convnet": result, "cpu": cpu}
+
+
 def runtime_alone(repo: Path, model: str, requests: int, rows: int, seconds: float) -> float:
     """Inferences/s of the worker's batch path without the processes around it: `requests` requests of
     `rows` rows gathered into the pool, run, split back (ModelRuntime.run, as the worker calls it)."""
@@ -244,8 +268,11 @@ def main() -> None:
              "own TCP connection.",
              ""]
     codes = [ROOT] if args.compare_with is None else [ROOT, args.compare_with.resolve()]
-    runs = [serve(repo, n, args.seconds, args.py_spy, args.out, code, args.client_processes)
-            for i, n in enumerate(counts) for code in (codes if i % 2 == 0 else codes[::-1])]
+    runs, floors = [], []
+    for i, n in enumerate(counts):
+        runs += [serve(repo, n, args.seconds, args.py_spy, args.out, code, args.client_processes)
+                 for code in (codes if i % 2 == 0 else codes[::-1])]
+        floors.append(floor(n, args.seconds, args.client_processes))
     alone: dict[int, float] = {}
     batch_path: dict[int, float] = {}
     lines += ["## (a) convnet: batch-8 requests, 64 clients, dynamic batching", "",
@@ -264,6 +291,20 @@ def main() -> None:
                      f"{served.percentile_ms(99):.1f} | {served.errors} | {run['mean_batch']:.1f} | "
                      f"{alone[batch]:.0f} | {ratio:.0%} ({verdict} against the 80% goal) | "
                      f"{' / '.join(f'{v:.2f}' for v in run['phases_ms'].values())} | {run['convnet_cpu']} |")
+    batch = max(1, round(runs[0]["mean_batch"]))
+    for f in floors:
+        served = f["convnet"]
+        ratio = served.rps * 8 / alone[batch]
+        lines.append(f"| floor, {f['processes']} processes | {served.rps * 8:.0f} | {served.percentile_ms(50):.1f} | "
+                     f"{served.percentile_ms(99):.1f} | {served.errors} | - | {alone[batch]:.0f} | {ratio:.0%} | - | "
+                     f"{f['cpu']} |")
+    lines += ["", "floor rows: the same load against bare grpc.aio servers (`bench/floor_server.py`) in that many "
+              "processes on one port, which answer every request with a constant and run nothing: what gRPC "
+              "and this load generator deliver on this machine when the server does no work. Against the "
+              f"engine alone at batch {batch}, the ceiling (a) is measured under; trtserve / floor: "
+              + ", ".join(f"{r['frontends']} frontend processes {r['convnet'].rps / f['convnet'].rps:.0%}"
+                          for r in runs for f in floors
+                          if str(f["processes"]) == r["frontends"].split(" ")[0] and f["convnet"].rps > 0) + "."]
     lines += ["", "Where a request's time went in (a), means in ms: as the client saw it; inside the server "
               "(trtserve_request_duration_seconds, from the decoded request to the encoded answer); of that, "
               "queued in the worker (trtserve_queue_duration_seconds) and its batch's compute (gather + run + "

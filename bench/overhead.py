@@ -174,11 +174,12 @@ def combine(rounds: list[Measurement]) -> Measurement:
 
 
 class FloorProcess:
-    """`python -m bench.floor_server --port 0 [flags]` as a child process."""
+    """`python -m bench.floor_server --port PORT [flags]` as a child process. Several may share one port
+    (gRPC servers bind with SO_REUSEPORT, as trtserve's frontend processes do); 0 picks a free one."""
 
-    def __init__(self, *flags: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.floor_server", "--port", "0", *flags], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def __init__(self, *flags: str, port: int = 0) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.floor_server", "--port", str(port), *flags],
+                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         line = self.proc.stdout.readline()
         match = _FLOOR_LINE.search(line)
         if not match:

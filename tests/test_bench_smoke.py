@@ -144,3 +144,11 @@ def test_pinning_a_server_moves_every_thread_of_every_process_it_started(tmp_pat
         threads = [t.id for p in processes for t in p.threads()]
         assert len(processes) >= 2 and len(threads) > 2 * len(processes)
         assert {tid: os.sched_getaffinity(tid) for tid in threads} == {tid: {cpu} for tid in threads}
+
+
+def test_the_gpu_benchmarks_floor_serves_the_convnet_load_from_processes_sharing_one_port():
+    from bench.gpu import floor
+
+    result = floor(2, seconds=0.5, client_processes=1)
+    assert result["convnet"].errors == 0 and result["convnet"].requests > 0
+    assert len(result["cpu"].frontends) == 2 and result["cpu"].frontend_cores > 0
