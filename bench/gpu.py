@@ -124,8 +124,10 @@ class CpuShare:
         self.machine_cores = (end[2] - self.start[2]) / wall
 
     def __str__(self) -> str:
-        return (f"{len(self.frontends)} frontend process(es) {self.frontend_cores:.2f} cores, model workers "
-                f"{self.worker_cores:.2f} cores, machine {self.machine_cores:.1f} of {os.cpu_count()} busy")
+        workers = f", model workers {self.worker_cores:.2f} cores" if self.workers else ""
+        kind = "frontend" if self.workers else "floor"
+        return (f"{len(self.frontends)} {kind} process(es) {self.frontend_cores:.2f} cores{workers}, machine "
+                f"{self.machine_cores:.1f} of {os.cpu_count()} busy")
 
 
 @contextlib.contextmanager
