@@ -83,6 +83,7 @@ class Point:
     engine_rps: float = math.nan
     engine_run_ms: float = math.nan  # the engine alone's time per run at the mean executed batch (median)
     engine_spread_ms: tuple[float, float] = (math.nan, math.nan)  # its fastest and slowest round
+    round: int = 1
 
     @property
     def ratio(self) -> float:
@@ -223,13 +224,33 @@ class EngineAlone:
         return float(np.median(per_round)), min(per_round), max(per_round)
 
 
+def goal_verdict(points: list[Point]) -> str:
+    """PASS or FAIL of the goal point (batching on, 32 clients): its ratio, or with several rounds their
+    median, the range beside it (on a shared host the engine's own speed moves between rounds)."""
+    goal = [p for p in points if p.mode == "on" and p.clients == 32]
+    if not goal:
+        return "goal not measured (no 32-client point)"
+    if len(goal) == 1:
+        (p,) = goal
+        return (f"{'PASS' if p.ratio >= GOAL else 'FAIL'}: at 32 clients with batching on, served {p.rps:.0f} "
+                f"inferences/s = {p.ratio:.0%} of the engine alone at the mean executed batch {p.mean_batch:.2f} "
+                f"({p.engine_rps:.0f} inferences/s); goal >= {GOAL:.0%}")
+    ratios = sorted(p.ratio for p in goal)
+    median = float(np.median(ratios))
+    return (f"{'PASS' if median >= GOAL else 'FAIL'}: at 32 clients with batching on, served / engine alone "
+            f"{median:.0%} in the median of {len(ratios)} rounds ({', '.join(f'{r:.0%}' for r in ratios)}); "
+            f"goal >= {GOAL:.0%}")
+
+
 def table(points: list[Point]) -> str:
-    lines = ["| batching | clients | inferences/s | p50 ms | p99 ms | errors | mean executed batch "
-             "| engine alone inf/s at that batch | served / engine | served engine busy "
+    rounds = max(p.round for p in points) > 1
+    lines = [("| round " if rounds else "") + "| batching | clients | inferences/s | p50 ms | p99 ms | errors "
+             "| mean executed batch | engine alone inf/s at that batch | served / engine | served engine busy "
              "| ms per run served / alone | served engine on CPU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ("|---" if rounds else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        lines.append(f"| {p.mode} | {p.clients} | {p.rps:.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} | {p.errors} "
+        lines.append((f"| {p.round} " if rounds else "") +
+                     f"| {p.mode} | {p.clients} | {p.rps:.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} | {p.errors} "
                      f"| {p.mean_batch:.2f} | {p.engine_rps:.0f} | {p.ratio:.0%} | {p.busy:.0%} "
                      f"| {p.run_ms:.2f} / {p.engine_run_ms:.2f} ({p.engine_spread_ms[0]:.2f}-"
                      f"{p.engine_spread_ms[1]:.2f}) | {p.on_cpu:.0%} |")
@@ -265,6 +286,9 @@ def main() -> None:
                         help="comma-separated preferred_batch_size of mlp_batched ('' for none)")
     parser.add_argument("--client-processes", type=int, default=CLIENT_PROCESSES,
                         help="load generator processes the clients are spread over (at most one per client)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every point this many times (each with its engine alone right after); "
+                             "the verdict takes the median: on a shared host the engine's own speed moves")
     parser.add_argument("--server-cpus", type=parse_cpus, default=None,
                         help="CPUs of the server (all its processes and threads) and of the engine alone, "
                              "e.g. 0-7 (default: not pinned)")
@@ -284,24 +308,22 @@ def main() -> None:
                           "--intra-op-threads", str(args.intra_op_threads)]) as server:
             if args.server_cpus:
                 pin(server.proc.pid, args.server_cpus)
-            for mode in ("on", "off"):
-                for clients in counts:
-                    if args.client_cpus:  # the load generator's processes inherit it
-                        pin(os.getpid(), args.client_cpus, descendants=False)
-                    points.append(p := serve_point(server, mode, clients, seconds, args.client_processes))
-                    if args.server_cpus:
-                        pin(os.getpid(), args.server_cpus, descendants=False)
-                    median, fastest, slowest = engine.seconds_per_run(p.mean_batch)
-                    p.engine_run_ms, p.engine_spread_ms = median * 1e3, (fastest * 1e3, slowest * 1e3)
-                    p.engine_rps = p.mean_batch / p.engine_run_ms * 1e3
-                    print(f"batching {mode}, {clients} clients: {p.rps:.0f} inferences/s, mean executed batch "
-                          f"{p.mean_batch:.2f}, engine alone {p.engine_rps:.0f} inferences/s", flush=True)
-    goal = next((p for p in points if p.mode == "on" and p.clients == 32), None)
-    verdict = "goal not measured (no 32-client point)"
-    if goal is not None:
-        verdict = (f"{'PASS' if goal.ratio >= GOAL else 'FAIL'}: at 32 clients with batching on, served "
-                   f"{goal.rps:.0f} inferences/s = {goal.ratio:.0%} of the engine alone at the mean executed "
-                   f"batch {goal.mean_batch:.2f} ({goal.engine_rps:.0f} inferences/s); goal >= {GOAL:.0%}")
+            for round_ in range(1, args.rounds + 1):
+                for mode in ("on", "off"):
+                    for clients in counts:
+                        if args.client_cpus:  # the load generator's processes inherit it
+                            pin(os.getpid(), args.client_cpus, descendants=False)
+                        points.append(p := serve_point(server, mode, clients, seconds, args.client_processes))
+                        if args.server_cpus:
+                            pin(os.getpid(), args.server_cpus, descendants=False)
+                        median, fastest, slowest = engine.seconds_per_run(p.mean_batch)
+                        p.engine_run_ms, p.engine_spread_ms = median * 1e3, (fastest * 1e3, slowest * 1e3)
+                        p.engine_rps = p.mean_batch / p.engine_run_ms * 1e3
+                        p.round = round_
+                        print(f"round {round_}, batching {mode}, {clients} clients: {p.rps:.0f} inferences/s, "
+                              f"mean executed batch {p.mean_batch:.2f}, engine alone {p.engine_rps:.0f} "
+                              "inferences/s", flush=True)
+    verdict = goal_verdict(points)
     load_after = os.getloadavg()[0]
     if load_before > (os.cpu_count() or 1) / 2:  # the benchmark's own load shows in load_after only
         verdict += (f"\n\nCaution: the machine was busy with other work before the run (load average "
@@ -316,6 +338,7 @@ def main() -> None:
         f"{args.frontend_processes} --intra-op-threads {args.intra_op_threads} --max-queue-delay-us "
         f"{args.max_queue_delay_us} --preferred-batch-sizes '{args.preferred_batch_sizes}' "
         f"--client-processes {args.client_processes}"
+        f"{f' --rounds {args.rounds}' if args.rounds > 1 else ''}"
         f"{f' --server-cpus {cpu_list(args.server_cpus)}' if args.server_cpus else ''}"
         f"{f' --client-cpus {cpu_list(args.client_cpus)}' if args.client_cpus else ''}"
         f"{'' if args.out == RESULTS else f' --out {args.out}'}`: {seconds:g} s per point, "

@@ -152,3 +152,22 @@ def test_the_gpu_benchmarks_floor_serves_the_convnet_load_from_processes_sharing
     result = floor(2, seconds=0.5, client_processes=1)
     assert result["convnet"].errors == 0 and result["convnet"].requests > 0
     assert len(result["cpu"].frontends) == 2 and result["cpu"].frontend_cores > 0
+
+
+def test_the_batching_verdict_takes_the_median_of_the_rounds():
+    from bench.batching import Point, goal_verdict, table
+
+    def point(round_: int, served: float, alone: float, mode: str = "on", clients: int = 32) -> Point:
+        return Point(mode, clients, served, 5.0, 9.0, 0, 8.0, 0.95, 3.0, 1.0, engine_rps=alone,
+                     engine_run_ms=2.5, engine_spread_ms=(2.4, 2.6), round=round_)
+
+    one = [point(1, 700, 1000)]
+    assert goal_verdict(one).startswith("FAIL: at 32 clients with batching on, served 700 inferences/s = 70%")
+    assert table(one).startswith("| batching |")
+    rounds = [point(1, 900, 1000), point(1, 300, 1000, mode="off"), point(2, 400, 1000), point(3, 850, 1000)]
+    assert goal_verdict(rounds) == ("PASS: at 32 clients with batching on, served / engine alone 85% in the "
+                                    "median of 3 rounds (40%, 85%, 90%); goal >= 80%")
+    lines = table(rounds).splitlines()
+    assert lines[0].startswith("| round | batching |") and lines[1].count("|---") == 13
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| 1", "| 1", "| 2", "| 3"]
+    assert goal_verdict([point(1, 900, 1000, clients=8)]) == "goal not measured (no 32-client point)"
