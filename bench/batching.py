@@ -308,14 +308,15 @@ def main() -> None:
                           "--intra-op-threads", str(args.intra_op_threads)]) as server:
             if args.server_cpus:
                 pin(server.proc.pid, args.server_cpus)
+            home = args.server_cpus or os.sched_getaffinity(0)  # where the engine alone runs
             for round_ in range(1, args.rounds + 1):
                 for mode in ("on", "off"):
                     for clients in counts:
                         if args.client_cpus:  # the load generator's processes inherit it
                             pin(os.getpid(), args.client_cpus, descendants=False)
                         points.append(p := serve_point(server, mode, clients, seconds, args.client_processes))
-                        if args.server_cpus:
-                            pin(os.getpid(), args.server_cpus, descendants=False)
+                        if args.client_cpus or args.server_cpus:
+                            pin(os.getpid(), home, descendants=False)
                         median, fastest, slowest = engine.seconds_per_run(p.mean_batch)
                         p.engine_run_ms, p.engine_spread_ms = median * 1e3, (fastest * 1e3, slowest * 1e3)
                         p.engine_rps = p.mean_batch / p.engine_run_ms * 1e3
