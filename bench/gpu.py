@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +91,7 @@ class CpuShare:
     frontend process near 1.0 core means its event loop is the bottleneck. Also the whole machine's busy
     cores: near all of them, the load generator (the rest of it, mostly) has no core to spare either."""
 
-    def __init__(self, server=None, pids: list[int] = ()) -> None:
+    def __init__(self, server=None, pids: Sequence[int] = ()) -> None:
         """The frontend processes and workers of trtserve's `server`, or the processes `pids` (the floor)."""
         import psutil
 
