@@ -6,6 +6,8 @@
 #   STEPS="tests gpu batching" bash bench/gpu_run.sh OUT_DIR   # a subset (default: all five steps)
 #   FRONTENDS=1,4,8: the frontend process counts bench.gpu compares (the default)
 #   COMPARE=DIR: bench.gpu also runs another checkout's `service` side by side (--compare-with)
+#   CLIENT_PROCESSES=N: load-generator processes of bench.gpu (default 16: on the 16-core H200 VMs 8 left (a)
+#   short of clients, bench/results/gpu/runs/26)
 #
 # Needs onnxruntime-gpu (CUDAExecutionProvider), cuda-python and the packages of `pip install -e .`
 # importable by python3 (on the device they are staged: see bench/results/gpu/REPORT-gpu.md for how).
@@ -27,6 +29,7 @@ step sweep && { timeout 240 $py -m bench.engine_sweep --gpu --out "$out" > "$out
 step shapes && { timeout 60 $py -m bench.cuda_shapes --out "$out/cuda_shapes.md" > "$out/cuda_shapes.log" 2>&1
                  echo "bench.cuda_shapes: exit $?"; }
 step gpu && { timeout 300 $py -m bench.gpu --seconds 8 --frontend-processes "${FRONTENDS:-1,4,8}" --out "$out" \
+    --client-processes "${CLIENT_PROCESSES:-16}" \
     ${PY_SPY:+--py-spy "$PY_SPY"} ${COMPARE:+--compare-with "$COMPARE"} > "$out/gpu.log" 2>&1
     echo "bench.gpu: exit $?"; }
 # issue 5's benchmark with 4 frontend processes, 1 and 4 ONNX Runtime threads (BATCHING_CLIENTS: 1,8,32 for all)
