@@ -170,18 +170,24 @@ def test_a_request_waits_for_shared_memory_only_while_the_arena_is_full():
     asyncio.run(scenario())
 
 
-def test_a_frame_the_link_cannot_read_fails_what_is_pending():
+def _pending_call_ended_by(worker_end: Callable[[protocol.InferRequest, asyncio.StreamWriter], None]) -> BaseException:
+    """What a request in flight fails with when the worker's end does `worker_end` once it read the request;
+    the link must be closed by then."""
     async def scenario() -> BaseException:
         link, arena, reader, writer = await _linked(1 << 16)
         call = asyncio.ensure_future(link.infer([WireTensor("x", "FP32", (1, 16), _row(1))], ["y"]))
-        request = protocol.FrameCodec(TINY).decode_infer(await protocol.read_framed(reader))
-        writer.write(struct.pack("!iBQ", 9, protocol.OP_RESULT, request.id))  # a RESULT cut short
+        worker_end(protocol.FrameCodec(TINY).decode_infer(await protocol.read_framed(reader)), writer)
         (error,) = await asyncio.gather(call, return_exceptions=True)
         assert link.closed.done() and not link.alive
         await _closed(link, arena, writer)
         return error
 
-    error = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_frame_the_link_cannot_read_fails_what_is_pending():
+    error = _pending_call_ended_by(  # a RESULT cut short
+        lambda request, writer: writer.write(struct.pack("!iBQ", 9, protocol.OP_RESULT, request.id)))
     assert isinstance(error, Unavailable) and "malformed frame from the worker" in error.message
 
 
@@ -210,15 +216,5 @@ def test_answers_cut_anywhere_by_the_stream_are_put_back_together():
 
 
 def test_the_worker_closing_its_end_fails_what_is_pending():
-    async def scenario() -> BaseException:
-        link, arena, reader, writer = await _linked(1 << 16)
-        call = asyncio.ensure_future(link.infer([WireTensor("x", "FP32", (1, 16), _row(1))], ["y"]))
-        await protocol.read_framed(reader)
-        writer.close()
-        (error,) = await asyncio.gather(call, return_exceptions=True)
-        assert link.closed.done() and not link.alive
-        await _closed(link, arena, writer)
-        return error
-
-    error = asyncio.run(scenario())
+    error = _pending_call_ended_by(lambda request, writer: writer.close())
     assert isinstance(error, Unavailable) and "worker connection closed" in error.message
