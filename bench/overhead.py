@@ -1,10 +1,12 @@
 """Serving overhead: `tiny` at batch 1 against trtserve and against the bare grpc.aio floor, side by side.
 
     .venv/bin/python -m bench.overhead [--quick] [--clients 1,8,32] [--seconds S] [--rounds N] [--client-procs auto]
+                                       [--frontend-processes 1]
 
 Both servers run as their own processes on 127.0.0.1: trtserve with `--model-control-mode explicit
 --load-model tiny` (frontend plus one worker process), and `bench.floor_server`, which answers every
-ModelInfer with the same 90-byte response without parsing the request. For each mode (unary, streaming)
+ModelInfer with the same 90-byte response without parsing the request (with `--frontend-processes N`:
+trtserve's N frontend processes against N floor processes sharing one port). For each mode (unary, streaming)
 and client count, the floor and trtserve are measured alternately (`--rounds` each, so that whatever else
 the machine does falls on both alike) with the same load: closed-loop `tritonclient.grpc` clients (each
 sends its next request when the previous one returned).
@@ -25,6 +27,7 @@ requests/s at 8 clients.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import re
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -198,18 +202,31 @@ class FloorProcess:
             self.proc.kill()
 
 
-def run(clients: list[int], seconds: float, client_procs: int | None, rounds: int) -> list[Measurement]:
-    """Every (mode, clients) case: floor and trtserve alternately, `rounds` times each, then combined.
-    Alternating short rounds spreads whatever else the machine is doing over both servers alike."""
+@contextlib.contextmanager
+def servers(frontends: int = 1) -> Iterator[list[tuple[str, str, list[int]]]]:
+    """The floor and trtserve as (name, url, pids): trtserve with `frontends` frontend processes, the floor
+    as as many processes sharing one port (each a bare grpc.aio server, so the ceiling grows with them as
+    trtserve's would)."""
+    flags = ["--model-control-mode", "explicit", "--load-model", "tiny", "--frontend-processes", str(frontends)]
+    with start(EXAMPLES, flags) as trt, contextlib.ExitStack() as stack:
+        floors = [stack.enter_context(FloorProcess())]
+        port = int(floors[0].url.rsplit(":", 1)[1])
+        floors += [stack.enter_context(FloorProcess(port=port)) for _ in range(frontends - 1)]
+        yield [("floor", floors[0].url, [f.proc.pid for f in floors]), ("trtserve", trt.url, [trt.proc.pid])]
+
+
+def run(clients: list[int], seconds: float, client_procs: int | None, rounds: int,
+        frontends: int = 1) -> list[Measurement]:
+    """Every (mode, clients) case: floor and trtserve (`servers`) alternately, `rounds` times each, then
+    combined. Alternating short rounds spreads whatever else the machine is doing over both servers alike."""
     results: list[Measurement] = []
-    with start(EXAMPLES, ["--model-control-mode", "explicit", "--load-model", "tiny"]) as trt, FloorProcess() as floor:
-        servers = [("floor", floor.url, [floor.proc.pid]), ("trtserve", trt.url, [trt.proc.pid])]
+    with servers(frontends) as both:
         for stream in (False, True):
             for n in clients:
                 procs = client_procs if client_procs is not None else min(n, 4)
-                done: dict[str, list[Measurement]] = {name: [] for name, _, _ in servers}
+                done: dict[str, list[Measurement]] = {name: [] for name, _, _ in both}
                 for _ in range(rounds):
-                    for name, url, pids in servers:
+                    for name, url, pids in both:
                         m = measure(name, url, pids, n, seconds, stream, procs)
                         print(f"{name:8s} {m.mode:6s} clients={n:3d} procs={m.client_procs} rps={m.rps:8.0f} "
                               f"p50={m.p50_ms:6.2f}ms p99={m.p99_ms:6.2f}ms errors={m.errors} "
@@ -233,7 +250,7 @@ def verdict(results: list[Measurement]) -> list[tuple[str, float, bool]]:
             for f, t in _pairs(results) if t.clients == GOAL_CLIENTS and f.rps > 0]
 
 
-def markdown(results: list[Measurement], command: str, seconds: float, rounds: int) -> str:
+def markdown(results: list[Measurement], command: str, seconds: float, rounds: int, frontends: int = 1) -> str:
     other = max((m.other_cpu_pct for m in results), default=0.0)
     lines = [
         "# Serving overhead: trtserve vs the bare grpc.aio floor",
@@ -253,6 +270,9 @@ def markdown(results: list[Measurement], command: str, seconds: float, rounds: i
         "`switches` = context switches of all server threads per request (each is a thread going to sleep "
         "or being preempted: the price of handing work between threads and processes).",
         "",
+        *([f"Here trtserve ran {frontends} frontend processes (`--frontend-processes {frontends}`) and the floor "
+           f"{frontends} processes sharing one port: the ceiling of {frontends} Python gRPC processes.", ""]
+          if frontends > 1 else []),
         f"`other CPU` = what every other process on the machine used meanwhile, in % of one core (up to "
         f"{other:.0f}% in this run): on a shared machine requests/s move with it, the ratio and CPU per request less.",
         "",
@@ -313,15 +333,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per case and server")
     parser.add_argument("--client-procs", default="auto",
                         help="load generator processes per run; auto = min(clients, 4)")
+    parser.add_argument("--frontend-processes", type=int, default=1,
+                        help="trtserve's frontend processes, and as many floor processes sharing one port")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     seconds = args.seconds if args.seconds is not None else (3.0 if args.quick else 10.0)
     procs = None if args.client_procs == "auto" else int(args.client_procs)
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
-    results = run([int(c) for c in args.clients.split(",")], seconds, procs, rounds)
+    results = run([int(c) for c in args.clients.split(",")], seconds, procs, rounds, args.frontend_processes)
     args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join([".venv/bin/python -m bench.overhead", *sys.argv[1:]])
-    (args.out / "overhead.md").write_text(markdown(results, command, seconds, rounds))
+    (args.out / "overhead.md").write_text(markdown(results, command, seconds, rounds, args.frontend_processes))
     rows = [{k: v for k, v in asdict(m).items() if k != "latencies_s"} for m in results]
     (args.out / "overhead.json").write_text(json.dumps(rows, indent=1))
     plot(results, args.out / "overhead.png")

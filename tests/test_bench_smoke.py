@@ -171,3 +171,18 @@ def test_the_batching_verdict_takes_the_median_of_the_rounds():
     assert lines[0].startswith("| round | batching |") and lines[1].count("|---") == 13
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| 1", "| 1", "| 2", "| 3"]
     assert goal_verdict([point(1, 900, 1000, clients=8)]) == "goal not measured (no 32-client point)"
+
+
+def test_the_overhead_benchmark_serves_n_frontend_processes_against_n_floor_processes():
+    import psutil
+
+    from bench.overhead import measure, servers
+
+    with servers(frontends=2) as both:
+        (_, _, floor_pids), (_, _, trt_pids) = both
+        assert len(floor_pids) == 2 and all(psutil.pid_exists(pid) for pid in floor_pids)
+        spawned = [c for c in psutil.Process(trt_pids[0]).children() if "spawn_main" in " ".join(c.cmdline())]
+        assert len(spawned) == 2  # tiny's worker and the extra frontend
+        for name, url, pids in both:
+            m = measure(name, url, pids, clients=2, seconds=0.5, stream=True, client_procs=2)
+            assert m.errors == 0 and m.rps > 0 and m.server_cpu_us > 0
