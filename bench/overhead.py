@@ -70,6 +70,7 @@ class Measurement:
     latencies_s: list[float] = field(default_factory=list, repr=False)
     cpu_by_pid: dict[int, float] = field(default_factory=dict, repr=False)  # µs per request of each process
     switches: float = 0.0  # context switches of all server threads per request
+    main_cpu_us: float = 0.0  # of server_cpu_us, the processes started as the server (not their children)
 
 
 def _client_proc(url: str, threads: int, seconds: float, stream: bool, barrier: object, out: object) -> None:
@@ -157,7 +158,8 @@ def measure(server: str, url: str, server_pids: list[int], clients: int, seconds
                        (cpu1 - cpu0) / done_in_window * 1e6, (ccpu1 - ccpu0) / (t1 - t0) * 100,
                        other / (t1 - t0) * 100, 1, lat.tolist(),
                        {pid: (each1[pid] - each0[pid]) / done_in_window * 1e6 for pid in each0},
-                       (sw1 - sw0) / done_in_window)
+                       (sw1 - sw0) / done_in_window,
+                       sum(each1[pid] - each0[pid] for pid in server_pids) / done_in_window * 1e6)
 
 
 def combine(rounds: list[Measurement]) -> Measurement:
@@ -174,7 +176,8 @@ def combine(rounds: list[Measurement]) -> Measurement:
                        sum(m.server_cpu_us * m.rps for m in rounds) / weight,
                        float(np.mean([m.client_cpu_pct for m in rounds])),
                        float(np.mean([m.other_cpu_pct for m in rounds])), len(rounds), lat.tolist(),
-                       switches=sum(m.switches * m.rps for m in rounds) / weight)
+                       switches=sum(m.switches * m.rps for m in rounds) / weight,
+                       main_cpu_us=sum(m.main_cpu_us * m.rps for m in rounds) / weight)
 
 
 class FloorProcess:
@@ -230,7 +233,8 @@ def run(clients: list[int], seconds: float, client_procs: int | None, rounds: in
                         m = measure(name, url, pids, n, seconds, stream, procs)
                         print(f"{name:8s} {m.mode:6s} clients={n:3d} procs={m.client_procs} rps={m.rps:8.0f} "
                               f"p50={m.p50_ms:6.2f}ms p99={m.p99_ms:6.2f}ms errors={m.errors} "
-                              f"server_cpu={m.server_cpu_us:6.0f}us/req switches={m.switches:4.1f}/req "
+                              f"server_cpu={m.server_cpu_us:6.0f}us/req (main {m.main_cpu_us:4.0f}) "
+                              f"switches={m.switches:4.1f}/req "
                               f"client_cpu={m.client_cpu_pct:4.0f}% "
                               f"other_cpu={m.other_cpu_pct:4.0f}%", flush=True)
                         done[name].append(m)
@@ -266,7 +270,9 @@ def markdown(results: list[Measurement], command: str, seconds: float, rounds: i
         "spread over several processes (column `procs`; 4 gave the floor the most requests/s here) so the load "
         "generator's GIL caps neither server; "
         "the load generator still shares the cores with the server. `server CPU` = user + system CPU time of "
-        "all server processes per request (less sensitive to how the cores are shared than requests/s); "
+        "all server processes per request (less sensitive to how the cores are shared than requests/s), for "
+        "trtserve split into its parent process (the frontend) and the rest (the model's worker, and any extra "
+        "frontend processes); "
         "`switches` = context switches of all server threads per request (each is a thread going to sleep "
         "or being preempted: the price of handing work between threads and processes).",
         "",
@@ -277,7 +283,8 @@ def markdown(results: list[Measurement], command: str, seconds: float, rounds: i
         f"{other:.0f}% in this run): on a shared machine requests/s move with it, the ratio and CPU per request less.",
         "",
         "| mode | clients | procs | floor req/s | trtserve req/s | trtserve/floor | floor p50 / p99 ms "
-        "| trtserve p50 / p99 ms | floor CPU µs/req | trtserve CPU µs/req | floor / trtserve switches/req "
+        "| trtserve p50 / p99 ms | floor CPU µs/req | trtserve CPU µs/req (frontend / rest) "
+        "| floor / trtserve switches/req "
         "| other CPU % | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -285,7 +292,8 @@ def markdown(results: list[Measurement], command: str, seconds: float, rounds: i
         lines.append(
             f"| {t.mode} | {t.clients} | {t.client_procs} | {f.rps:.0f} | {t.rps:.0f} | {t.rps / f.rps:.0%} | "
             f"{f.p50_ms:.2f} / {f.p99_ms:.2f} | {t.p50_ms:.2f} / {t.p99_ms:.2f} | {f.server_cpu_us:.0f} | "
-            f"{t.server_cpu_us:.0f} | {f.switches:.1f} / {t.switches:.1f} | "
+            f"{t.server_cpu_us:.0f} ({t.main_cpu_us:.0f} / {t.server_cpu_us - t.main_cpu_us:.0f}) | "
+            f"{f.switches:.1f} / {t.switches:.1f} | "
             f"{(f.other_cpu_pct + t.other_cpu_pct) / 2:.0f} | {f.errors + t.errors} |")
     lines.append("")
     for mode, ratio, ok in verdict(results):

@@ -186,3 +186,7 @@ def test_the_overhead_benchmark_serves_n_frontend_processes_against_n_floor_proc
         for name, url, pids in both:
             m = measure(name, url, pids, clients=2, seconds=0.5, stream=True, client_procs=2)
             assert m.errors == 0 and m.rps > 0 and m.server_cpu_us > 0
+            if name == "floor":  # no children: all of it is the processes started
+                assert m.main_cpu_us == pytest.approx(m.server_cpu_us)
+            else:  # the parent frontend, and the worker and extra frontend beside it
+                assert 0 < m.main_cpu_us < m.server_cpu_us
