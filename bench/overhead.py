@@ -345,6 +345,8 @@ def main() -> None:
                         help="trtserve's frontend processes, and as many floor processes sharing one port")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.frontend_processes < 1:
+        parser.error("--frontend-processes must be at least 1")
     seconds = args.seconds if args.seconds is not None else (3.0 if args.quick else 10.0)
     procs = None if args.client_procs == "auto" else int(args.client_procs)
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
