@@ -208,7 +208,7 @@ class FloorProcess:
 @contextlib.contextmanager
 def servers(frontends: int = 1) -> Iterator[list[tuple[str, str, list[int]]]]:
     """The floor and trtserve as (name, url, pids): trtserve with `frontends` frontend processes, the floor
-    as as many processes sharing one port (each a bare grpc.aio server, so the ceiling grows with them as
+    as that many processes sharing one port (each a bare grpc.aio server, so the ceiling grows with them as
     trtserve's would)."""
     flags = ["--model-control-mode", "explicit", "--load-model", "tiny", "--frontend-processes", str(frontends)]
     with start(EXAMPLES, flags) as trt, contextlib.ExitStack() as stack:
