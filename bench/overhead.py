@@ -135,13 +135,14 @@ def measure(server: str, url: str, server_pids: list[int], clients: int, seconds
         codes = [p.exitcode for p in procs]
         raise RuntimeError(f"load generator processes did not start (exit codes {codes})") from None
     time.sleep(WARMUP_S)
-    each0 = {p.pid: _cpu_seconds([p]) for p in watched}
     sw0 = _switches([p.pid for p in watched])
-    cpu0, ccpu0, busy0, t0 = _cpu_seconds(watched), _cpu_seconds(clients_ps), _busy_seconds(), time.monotonic()
+    each0 = {p.pid: _cpu_seconds([p]) for p in watched}  # one reading per process; the totals are their sums
+    ccpu0, busy0, t0 = _cpu_seconds(clients_ps), _busy_seconds(), time.monotonic()
     time.sleep(seconds)
-    cpu1, ccpu1, busy1, t1 = _cpu_seconds(watched), _cpu_seconds(clients_ps), _busy_seconds(), time.monotonic()
+    ccpu1, busy1, t1 = _cpu_seconds(clients_ps), _busy_seconds(), time.monotonic()
     each1 = {p.pid: _cpu_seconds([p]) for p in watched}
     sw1 = _switches([p.pid for p in watched])
+    cpu0, cpu1 = sum(each0.values()), sum(each1.values())
     results = [out.get(timeout=seconds + 120) for _ in procs]
     for p in procs:
         p.join(30)
