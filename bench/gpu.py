@@ -17,7 +17,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -207,14 +206,10 @@ def floor(processes: int, seconds: float, client_processes: int) -> dict:
     """(a)'s load against `processes` bare grpc.aio floor servers sharing one port: no parsing, no model,
     the same constant answer to every request. What gRPC and this load generator deliver on this machine
     when the server does nothing: the ceiling (a) is measured under."""
-    from bench.overhead import FloorProcess
+    from bench.overhead import floor_processes
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     x8 = {"x": np.random.default_rng(0).standard_normal((8, 16, 32, 32), dtype=np.float32)}
-    with contextlib.ExitStack() as stack:
-        floors = [stack.enter_context(FloorProcess(port=port)) for _ in range(processes)]
+    with floor_processes(processes) as floors:
         with CpuShare(pids=[f.proc.pid for f in floors]) as cpu:
             result = run_load_processes(floors[0].url, "convnet", x8, 64, seconds, {"x": "FP32"},
                                         processes=client_processes)

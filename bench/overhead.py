@@ -207,15 +207,22 @@ class FloorProcess:
 
 
 @contextlib.contextmanager
+def floor_processes(count: int) -> Iterator[list[FloorProcess]]:
+    """`count` floor servers sharing one port (the first one picks it)."""
+    with contextlib.ExitStack() as stack:
+        floors = [stack.enter_context(FloorProcess())]
+        port = int(floors[0].url.rsplit(":", 1)[1])
+        floors += [stack.enter_context(FloorProcess(port=port)) for _ in range(count - 1)]
+        yield floors
+
+
+@contextlib.contextmanager
 def servers(frontends: int = 1) -> Iterator[list[tuple[str, str, list[int]]]]:
     """The floor and trtserve as (name, url, pids): trtserve with `frontends` frontend processes, the floor
     as that many processes sharing one port (each a bare grpc.aio server, so the ceiling grows with them as
     trtserve's would)."""
     flags = ["--model-control-mode", "explicit", "--load-model", "tiny", "--frontend-processes", str(frontends)]
-    with start(EXAMPLES, flags) as trt, contextlib.ExitStack() as stack:
-        floors = [stack.enter_context(FloorProcess())]
-        port = int(floors[0].url.rsplit(":", 1)[1])
-        floors += [stack.enter_context(FloorProcess(port=port)) for _ in range(frontends - 1)]
+    with start(EXAMPLES, flags) as trt, floor_processes(frontends) as floors:
         yield [("floor", floors[0].url, [f.proc.pid for f in floors]), ("trtserve", trt.url, [trt.proc.pid])]
 
 
