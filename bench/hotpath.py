@@ -183,8 +183,10 @@ def micro() -> list[tuple[str, str, float]]:
         ("worker", "  reference: session.run_with_iobinding, binding reused",
          _time(lambda: session.run_with_iobinding(binding))),
         ("worker", "  reference: plain session.run(['y'], {'x': x})", _time(lambda: session.run(["y"], {"x": x}))),
+        ("worker", "the direct lane instead (a request run by itself): ModelRuntime.direct.run",
+         _time(lambda: runtime.direct.run(buf, job.request.inputs, 1), 1000)),
         ("worker", "_reply: to_raw + copy to shm + binary RESULT (no pipe write)",
-         _time(lambda: worker_mod._reply(frames, job, {"y": x}))),
+         _time(lambda: worker_mod._reply(frames, job.channel, job.request, {"y": x}))),
     ]
     runtime.close()
     return rows

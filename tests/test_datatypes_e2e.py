@@ -75,6 +75,7 @@ def server(tmp_path_factory):
     _write_model(repo, "identity", DATATYPES, ONNX_TYPES)
     _write_model(repo, "identity_typed", [dt for dt in DATATYPES if dt in TYPED_FIELDS], ONNX_TYPES)
     _write_model(repo, "identity_bf16", ["BF16"], {"BF16": TensorProto.BFLOAT16})
+    _write_model(repo, "identity_fixed", NON_BYTES, ONNX_TYPES)  # no BYTES: the worker's direct lane serves it
     with start(repo) as proc:
         yield proc
 
@@ -150,6 +151,17 @@ def test_raw_roundtrip_every_datatype(client, batch):
     assert [o.datatype for o in result.get_response().outputs] == DATATYPES
     assert _mismatches(_only(sent, NON_BYTES), {dt: result.as_numpy(f"out_{dt}") for dt in NON_BYTES}) == []
     assert result.as_numpy("out_BYTES").shape == (batch, 3)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_raw_roundtrip_every_fixed_size_datatype_also_through_the_direct_lane(client, batch):
+    """A model of fixed-size tensors only: the first requests of a batch size take the worker's general
+    path (until its engine's run time is known to be short), the ones after them the direct lane (raw bytes
+    straight into the pool); all come back bit for bit."""
+    for seed in range(12):
+        sent = {dt: _values(dt, batch, seed=seed) for dt in NON_BYTES}
+        result = client.infer("identity_fixed", _raw_inputs(sent))
+        assert _mismatches(sent, {dt: result.as_numpy(f"out_{dt}") for dt in NON_BYTES}) == []
 
 
 def test_empty_batch_every_datatype(client):

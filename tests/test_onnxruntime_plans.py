@@ -25,7 +25,7 @@ from service.engines.onnxruntime_backend import PLAN_MAGIC, OnnxRuntimeBuilder, 
 from service.engines.plan_cache import PlanCache, hash_file
 from service.engines.policy import EnginePolicy
 from service.engines.registry import EngineRegistry
-from service.errors import ConfigError, InternalError, InvalidArgument
+from service.errors import ConfigError, InternalError, InvalidArgument, Unavailable
 from service.memory.pool import BufferPool, split_poolable
 from service.proto import model_config_pb2
 from service.repository import ModelSpec, TensorSpec
@@ -354,6 +354,30 @@ def test_run_into_copies_views_it_cannot_bind_and_refuses_bad_ones(models: Path)
         engine.run_into({"x": x}, {"y": np.empty((2, 16), np.float32)})  # wrong rows
     with pytest.raises(InvalidArgument, match=r"capacity 1\.\.4"):
         engine.run_into(make_inputs("tiny", 5), {})
+
+
+def test_bind_runs_the_same_views_again_on_whatever_rows_they_hold_and_declines_what_it_cannot_bind(
+        models: Path) -> None:
+    """`bind` (the worker's direct lane): one binding of the pool's views, each run reading the rows the
+    views hold now; None for views it cannot bind in place."""
+    spec = spec_for(models, "mixed")
+    engine = OnnxRuntimeBuilder(spec).build(4)
+    bufs = pool_for(spec).views(2)
+    run = engine.bind(bufs.inputs, bufs.outputs)
+    for seed in (1, 2):
+        inputs = make_inputs("mixed", 2, seed=seed)
+        fill(bufs, inputs)
+        run()
+        assert_matches("mixed", dict(bufs.outputs), reference_outputs("mixed", spec.model_path, inputs))
+    assert engine.bind(bufs.inputs, {"sum": bufs.outputs["sum"]}) is None  # an output without a view
+    strided = {"ids": np.asfortranarray(bufs.inputs["ids"]), "scale": bufs.inputs["scale"]}
+    assert engine.bind(strided, bufs.outputs) is None
+    with pytest.raises(InternalError, match="onnxruntime run failed"):
+        wrong = np.empty((3, 4), np.float16)
+        engine.bind(bufs.inputs, {**bufs.outputs, "scaled": wrong})()  # 3 output rows for 2 input rows
+    engine.close()
+    with pytest.raises(Unavailable, match="closed"):
+        engine.bind(bufs.inputs, bufs.outputs)
 
 
 def test_a_binding_is_reused_only_for_the_very_views_it_bound(models: Path) -> None:

@@ -867,3 +867,35 @@ def test_expected_seconds_come_from_the_engines_past_runs():
     assert registry.live_capacities() == [2]
     assert registry.expected_seconds(1) == pytest.approx(0.0015, rel=0.05)
     assert registry.expected_seconds(2) == pytest.approx(0.002, rel=0.05)
+
+
+def test_hold_gives_the_engine_execute_chose_and_a_held_engine_is_closed_only_after_its_release():
+    """The direct lane's side of the registry: `hold` answers only what `execute` already decided for the
+    batch (nothing before, nothing after the engines changed), and holding keeps a replaced engine open."""
+    registry, builder, events, _ = make(Mode.REUSE, rebuild=Rebuild.BLOCKING)
+    pool = make_pool()
+    assert registry.hold(1) is None  # nothing decided yet
+    run_batch(registry, pool, 1)
+    held = registry.hold(1)
+    assert held.engine is builder.engine(1)
+    generation = registry.generation
+    run_batch(registry, pool, 8)  # REUSE: engine 8 replaces engine 1, which is held
+    assert registry.generation != generation and registry.hold(1) is None
+    assert not builder.engine(1).closed and registry.stats()["draining_capacities"] == [1]
+    samples = held.times.samples
+    registry.release(held, 1, 0.5)
+    assert builder.engine(1).closed and held.times.samples == samples + 1
+    assert [e["capacity"] for e in events.of("release")] == [1]
+
+
+@pytest.mark.parametrize("padding", ["capacity", "off"])
+def test_hold_declines_a_padding_engine(padding):
+    registry, builder, _, _ = make(Mode.REUSE, padding=padding, warmup_batch_sizes=(8,))
+    registry.warm_up()
+    run_batch(registry, make_pool(), 3)
+    held = registry.hold(3)
+    if padding == "capacity":  # its batches run at 8 rows: only `execute` knows to pad them
+        assert held is None
+    else:
+        assert held.engine is builder.engine(8)
+        registry.release(held, 3, None)

@@ -34,7 +34,7 @@ from service.workers.connections import Channel
 from service.workers.shm import Arena, attach
 from service.metrics import WorkerStats
 from service.workers.runtime import Item, ModelRuntime
-from service.workers.worker import WorkerOptions, _dispatch, _finish, _Job, _reply, _take_batch
+from service.workers.worker import WorkerOptions, _dispatch, _finish, _reply, _take_batch
 from tests.reference import reference_outputs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
@@ -417,18 +417,17 @@ def test_a_queued_request_run_inline_is_answered_in_its_turn_and_the_next_one_ru
     del y  # a view of the arena, which the fixture closes
 
 
-def _job(channel: Channel, spec: ModelSpec, outputs: list[str], out_offset: int, out_nbytes: int) -> _Job:
+def _request(spec: ModelSpec, outputs: list[str], out_offset: int, out_nbytes: int) -> protocol.InferRequest:
     codec = protocol.FrameCodec(spec)
-    request = protocol.InferRequest(21, None, [], [codec._output_index[n] for n in outputs], out_offset, out_nbytes)
-    return _Job(request, 1, {}, channel)
+    return protocol.InferRequest(21, None, [], [codec._output_index[n] for n in outputs], out_offset, out_nbytes)
 
 
 def test_reply_writes_what_fits_into_the_arena_and_the_rest_inline(frontend):
     channel = frontend.channel()
     total = np.array([[36]], dtype=np.int64)
     scaled = np.array([[0.5, 1.0, 1.5, 2.0]], dtype=np.float16)
-    job = _job(channel, MIXED, ["sum", "scaled"], 1024, 8)
-    _reply(protocol.FrameCodec(MIXED), job, {"sum": total, "scaled": scaled})
+    request = _request(MIXED, ["sum", "scaled"], 1024, 8)
+    _reply(protocol.FrameCodec(MIXED), channel, request, {"sum": total, "scaled": scaled})
     (answer,) = _answers(frontend, channel)
     request_id, slots, payload = protocol.FrameCodec(MIXED).decode_result(answer)
     assert request_id == 21 and slots == [(0, (1, 1), 1024, 8, False), (1, (1, 4), 0, 8, True)]
@@ -439,7 +438,8 @@ def test_reply_writes_what_fits_into_the_arena_and_the_rest_inline(frontend):
 def test_reply_sends_bytes_outputs_inline(frontend):
     channel = frontend.channel()
     text = np.array([b"hello", b"", "wörld".encode()], dtype=object)
-    _reply(protocol.FrameCodec(SCALARS), _job(channel, SCALARS, ["text", "o"], 0, 4), {"o": np.int32(7), "text": text})
+    _reply(protocol.FrameCodec(SCALARS), channel, _request(SCALARS, ["text", "o"], 0, 4),
+           {"o": np.int32(7), "text": text})
     (answer,) = _answers(frontend, channel)
     _, slots, payload = protocol.FrameCodec(SCALARS).decode_result(answer)
     assert slots == [(1, (3,), 0, len(payload), True), (0, (), 0, 4, False)]

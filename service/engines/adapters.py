@@ -11,6 +11,8 @@ Optional engine attributes (all read with getattr, so `service.engines.base.Engi
   the device before the batch and back after it, on the allocator's stream (the engine must run on
   that stream: the worker passes the allocator's `stream` to its builder).
 - `device_memory_bytes`: device memory the engine itself holds (0 or absent on the CPU).
+- `bind(inputs, outputs) -> Callable[[], None] | None`: a run on these host views bound once, repeated
+  while they live (the worker's direct lane, `service/workers/direct.py`); None when it cannot.
 - `fixed_shape`: True when the engine runs much faster at one input shape than at changing ones; under
   the default `engine_policy.padding` (AUTO) the registry then runs every batch at the engine's capacity.
 """

@@ -8,7 +8,7 @@ per set of views (the pool's views change only when it grows), so the common bat
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -128,6 +128,32 @@ class OnnxRuntimeEngine:
             else:
                 self._copy_into(name, view, array)
         return extra
+
+    def bind(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> Callable[[], None] | None:
+        """A run of this engine on host views bound once, for a caller that runs the same views again
+        and again while they live (the worker's direct lane: the same pool rows request after request);
+        None when it cannot bind them all (BYTES tensors, device or non-contiguous views, an output
+        without a view)."""
+        session = self._live()
+        views = (*inputs.values(), *outputs.values())
+        if self._strings or not all(isinstance(v, np.ndarray) and v.flags.c_contiguous for v in views):
+            return None
+        self._check(inputs)
+        self._check_views(outputs)
+        held: list[np.ndarray] = []
+        allocated: list[str] = []
+        binding, _ = self._bind(session, inputs, outputs, held, allocated)
+        if allocated:
+            return None
+        name = self.spec.name
+
+        def run() -> None:
+            try:
+                session.run_with_iobinding(binding)
+            except Exception as exc:
+                raise InternalError(f"model '{name}': onnxruntime run failed: {exc}") from exc
+
+        return run
 
     def _check_views(self, outputs: Mapping[str, Any]) -> None:
         for name in self._output_names:

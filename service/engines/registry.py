@@ -96,6 +96,7 @@ class EngineRegistry:
         # `_live` and the frozen policy): cleared whenever `_live` changes, so a steady stream of
         # batches skips re-deciding.
         self._chosen: dict[int, _Slot] = {}
+        self.generation = 0  # counts changes of the live engines (what a caller's bindings depend on)
         self._draining: list[_Slot] = []  # retired, closed when their in-flight work ends
         self._queue = BuildQueue(self.policy.max_concurrent_builds, coalesce=self.policy.mode is Mode.REUSE)
         self._build_times = BuildTimes()
@@ -144,6 +145,26 @@ class EngineRegistry:
             return {name: array[:batch] for name, array in extra.items()} if rows > batch else extra
         finally:
             self._done(slot)
+
+    def hold(self, batch: int) -> Any | None:
+        """For a caller that runs `batch` rows on views it bound to an engine itself (the worker's
+        direct lane): the engine `execute` would run them on now, as it is (no padding, no chunks),
+        held until `release` (a retired engine is not closed while held); None when `execute` has to
+        decide (nothing chosen for `batch` since the live engines last changed, or the engine pads).
+        The result has `.engine`."""
+        with self._cond:
+            slot = self._chosen.get(batch)
+            if slot is None or slot.pad:
+                return None
+            return self._use(slot)
+
+    def release(self, held: Any, batch: int, seconds: float | None) -> None:
+        """End a `hold`; `seconds` (None: the run failed) counts toward the engine's run times, as
+        `execute`'s runs do."""
+        if seconds is not None:
+            with self._cond:
+                held.times.add(batch, seconds)
+        self._done(held)
 
     def rows_for(self, batch: int) -> int:
         """Rows the buffer views for `batch` should have: the capacity of the engine it would run on
@@ -209,6 +230,7 @@ class EngineRegistry:
             slots = [*self._live.values(), *self._draining]
             self._live.clear()
             self._chosen.clear()
+            self.generation += 1
             self._draining = [s for s in slots if s.inflight]
             idle = [s for s in slots if not s.inflight and not s.closed]
             for s in idle:
@@ -452,6 +474,7 @@ class EngineRegistry:
                 else:
                     self._live[capacity] = slot
                     self._chosen.clear()
+                    self.generation += 1
                     released = self._retire_for(slot)
                 self._cond.notify_all()
             emit(self.on_event, "build", capacity=capacity, reason=reason, trigger=build.trigger,
@@ -503,6 +526,7 @@ class EngineRegistry:
         for slot, why in retire:
             del self._live[slot.capacity]
             self._chosen.clear()
+            self.generation += 1
             slot.retired = why
             if slot.inflight:
                 self._draining.append(slot)

@@ -29,6 +29,7 @@ from service.memory.allocators import HostAllocator
 from service.memory.pool import BufferPool, BufferSet, split_poolable
 from service.metrics import WorkerStats
 from service.repository import ModelSpec
+from service.workers.direct import DirectLane
 
 if TYPE_CHECKING:
     from service.workers.worker import WorkerOptions
@@ -84,6 +85,7 @@ class ModelRuntime:
         self.pool: BufferPool | None = None
         self.registry: EngineRegistry | None = None
         self._request_s: float | None = None  # without a batch dimension: recent seconds per request
+        self.direct: DirectLane | None = None  # single requests straight on pool and engine, where it can
         if spec.max_batch_size == 0:
             self._engine = self._builder.build(1)
             return
@@ -104,6 +106,7 @@ class ModelRuntime:
             self._first_engine()
         self._grows = 0
         self.refresh_gauges()
+        self.direct = DirectLane.for_runtime(self)
 
     def _first_engine(self) -> None:
         """Build the first engine (capacity for one row) and run one zero row through it, so a model that

@@ -3,10 +3,11 @@
 One thread (`_serve`) receives frames from every frontend connection, queues requests in the dynamic
 batcher, hands due batches to the engine thread (short ones it runs itself) and answers, heartbeats
 included, so a stuck batch shows as missing heartbeats. A short request of a model without dynamic
-batching that finds the worker idle is run and answered as it arrives (`_runs_now`). The parent's pipe is
-the primary connection (control, heartbeats, stats); extra frontend processes connect through the
-listening socket the parent gave, each naming its own shared-memory arena first. When the parent dies its
-pipe closes and the worker exits: no orphans.
+batching that finds the worker idle is run and answered as it arrives (`_runs_now`), where it can through
+the runtime's direct lane (`service/workers/direct.py`: straight into the pool and a bound engine). The
+parent's pipe is the primary connection (control, heartbeats, stats); extra frontend processes connect
+through the listening socket the parent gave, each naming its own shared-memory arena first. When the
+parent dies its pipe closes and the worker exits: no orphans.
 """
 
 from __future__ import annotations
@@ -255,17 +256,20 @@ def _submit(channel: Channel, request: protocol.InferRequest, codec: protocol.Fr
         if request.out_offset + request.out_nbytes > buf.nbytes:
             raise InternalError(f"malformed request from the frontend: output room {request.out_offset}+"
                                 f"{request.out_nbytes} is outside its {buf.nbytes}-byte arena")
+        rows = request.inputs[0][1][0] if codec.batched and request.inputs else 1
+        timeout = request.timeout_s
+        runs_now = rows > 0 and not running and _runs_now(batcher, runtime, rows, timeout)
+        if runs_now and runtime.direct is not None and _run_direct(channel, request, rows, codec, runtime):
+            return
         inputs = {}
         for index, shape, offset, nbytes in request.inputs:
             t = spec_inputs[index]
             inputs[t.name] = tensors.to_array(t.datatype, shape, buf[offset:offset + nbytes], name=t.name)
-        rows = request.inputs[0][1][0] if codec.batched and request.inputs else 1
         job = _Job(request, rows, inputs, channel)
         if rows == 0:  # an empty batch needs no engine
-            _reply(codec, job, runtime.empty_outputs())
+            _reply(codec, channel, request, runtime.empty_outputs())
             return
-        timeout = request.timeout_s
-        if not running and _runs_now(batcher, runtime, rows, timeout):
+        if runs_now:
             _run_now(job, codec, runtime)
             return
         deadline = time.monotonic() + timeout if timeout is not None else None
@@ -285,6 +289,24 @@ def _runs_now(batcher: DynamicBatcher, runtime: ModelRuntime, rows: int, timeout
         return False  # expired: the queue answers DEADLINE_EXCEEDED
     expected = runtime.expected_seconds(rows)  # None also when no live engine can take the rows
     return expected is not None and expected < INLINE_BELOW_S
+
+
+def _run_direct(channel: Channel, request: protocol.InferRequest, rows: int, codec: protocol.FrameCodec,
+                runtime: ModelRuntime) -> bool:
+    """Run a request that runs now through the runtime's direct lane and answer it; False, with nothing
+    done, when the lane does not take it."""
+    try:
+        done = runtime.direct.run(channel.buf, request.inputs, rows)
+    except Exception as exc:  # answered as a failed batch is
+        channel.error(request.id, _failure(exc, 1))
+        return True
+    if done is None:
+        return False
+    outputs, input_s, infer_s = done
+    replying = time.perf_counter()
+    _reply(codec, channel, request, outputs)
+    runtime.stats.record_exec(rows, (0.0,), input_s, infer_s, time.perf_counter() - replying)
+    return True
 
 
 def _run_now(job: _Job, codec: protocol.FrameCodec, runtime: ModelRuntime) -> None:
@@ -407,11 +429,18 @@ def _finish(running: _Running, codec: protocol.FrameCodec, stats: WorkerStats) -
 def _fail(jobs: list[_Job], items: list[Item], exc: Exception) -> None:
     """Answer the requests of a batch that failed with its error (those cancelled or expired before the
     start with their own)."""
-    if not isinstance(exc, ServeError):
-        log.error("batch of %d requests failed", len(jobs), exc_info=exc)
-        exc = InternalError(f"inference failed: {type(exc).__name__}: {exc}")
+    error = _failure(exc, len(jobs))
     for job, item in zip(jobs, items):
-        job.channel.error(job.id, item.error or exc)
+        job.channel.error(job.id, item.error or error)
+
+
+def _failure(exc: Exception, requests: int) -> ServeError:
+    """What the requests of a failed batch are answered with: a ServeError as it is, anything else
+    logged and reported as INTERNAL."""
+    if isinstance(exc, ServeError):
+        return exc
+    log.error("batch of %d requests failed", requests, exc_info=exc)
+    return InternalError(f"inference failed: {type(exc).__name__}: {exc}")
 
 
 def _answer(jobs: list[_Job], items: list[Item], executions: list[Any], codec: protocol.FrameCodec,
@@ -422,16 +451,17 @@ def _answer(jobs: list[_Job], items: list[Item], executions: list[Any], codec: p
         if item.error is not None:
             job.channel.error(job.id, item.error)
         else:
-            _reply(codec, job, item.outputs)
+            _reply(codec, job.channel, job.request, item.outputs)
         job.inputs = {}  # drop views of the frontend's block once answered
     reply_s = (time.perf_counter() - t0) / max(len(executions), 1)
     for ex in executions:
         stats.record_exec(ex.rows, [i.queued_s for i in ex.items], ex.input_s, ex.infer_s, ex.output_s + reply_s)
 
 
-def _reply(codec: protocol.FrameCodec, job: _Job, outputs: dict[str, np.ndarray]) -> None:
+def _reply(codec: protocol.FrameCodec, channel: Channel, request: protocol.InferRequest,
+           outputs: dict[str, np.ndarray]) -> None:
     """Copy the requested outputs into the request's block (what does not fit travels inline) and answer."""
-    channel, buf, request = job.channel, job.channel.buf, job.request
+    buf = channel.buf
     specs, datatypes = codec.outputs, codec.output_datatypes  # built once per model, not per reply
     offset, end = request.out_offset, request.out_offset + request.out_nbytes
     slots: list[protocol.OutputSlot] = []
@@ -452,6 +482,6 @@ def _reply(codec: protocol.FrameCodec, job: _Job, outputs: dict[str, np.ndarray]
                 inline.append(bytes(raw))
                 inline_size += n
     except ServeError as exc:
-        channel.error(job.id, exc)
+        channel.error(request.id, exc)
         return
-    channel.send_frame(codec.encode_result(job.id, slots, b"".join(inline) if inline else None))
+    channel.send_frame(codec.encode_result(request.id, slots, b"".join(inline) if inline else None))
