@@ -7,6 +7,7 @@ per set of views (the pool's views change only when it grows), so the common bat
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -107,10 +108,7 @@ class OnnxRuntimeEngine:
         foreign = bool(device_ids) and self.stream is None  # the pool's views, filled on its own stream
         if foreign:
             _synchronize(device_ids)
-        try:
-            session.run_with_iobinding(binding)
-        except Exception as exc:
-            raise InternalError(f"model '{self.spec.name}': onnxruntime run failed: {exc}") from exc
+        _run_bound(session, binding, self.spec.name)
         if foreign:
             _synchronize(device_ids)  # before the pool copies the outputs back on its stream
         if refs is not None:
@@ -145,15 +143,7 @@ class OnnxRuntimeEngine:
         binding, _ = self._bind(session, inputs, outputs, held, allocated)
         if allocated:
             return None
-        name = self.spec.name
-
-        def run() -> None:
-            try:
-                session.run_with_iobinding(binding)
-            except Exception as exc:
-                raise InternalError(f"model '{name}': onnxruntime run failed: {exc}") from exc
-
-        return run
+        return functools.partial(_run_bound, session, binding, self.spec.name)
 
     def _check_views(self, outputs: Mapping[str, Any]) -> None:
         for name in self._output_names:
@@ -273,6 +263,14 @@ class OnnxRuntimeEngine:
         """Drop the session (ONNX Runtime frees it when the last reference goes)."""
         self._session = None
         self._bindings = {}
+
+
+def _run_bound(session: ort.InferenceSession, binding: Any, model: str) -> None:
+    """One run of `session` on its IOBinding; ONNX Runtime's own exception types become InternalError."""
+    try:
+        session.run_with_iobinding(binding)
+    except Exception as exc:
+        raise InternalError(f"model '{model}': onnxruntime run failed: {exc}") from exc
 
 
 def _synchronize(device_ids: set[int]) -> None:
