@@ -155,12 +155,12 @@ def test_the_lane_serves_several_inputs_and_declines_inputs_it_does_not_recognis
         assert lane.run(arena.buf, past, 2) is None  # past the end of the arena
         wrong_rows = [(0, (1, 8), slots[0][2], 64), slots[1]]
         assert lane.run(arena.buf, wrong_rows, 2) is None  # rows that differ from the request's
-        assert registry_idle(runtime, 2)  # every declined run let go of its engine
+        assert _only_our_hold(runtime, 2)  # every declined run let go of its engine
     finally:
         runtime.close()
 
 
-def registry_idle(runtime: ModelRuntime, rows: int) -> bool:
+def _only_our_hold(runtime: ModelRuntime, rows: int) -> bool:
     """Whether no run holds the engine chosen for `rows` (hold adds one, so one means only ours)."""
     held = runtime.registry.hold(rows)
     try:
