@@ -9,10 +9,10 @@ import urllib.request
 
 import pytest
 from google.protobuf import json_format
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import SPECS, ServerMetrics, WorkerStats, series_names, start_http_server
+from service.metrics import LATENCY_BUCKETS, SPECS, ServerMetrics, WorkerStats, series_names, start_http_server
 from service.proto import inference_pb2
 
 
@@ -70,6 +70,40 @@ def test_observe_request_counts_status_rows_and_duration(m: ServerMetrics) -> No
     assert value(m, "trtserve_request_duration_seconds_count", model="mlp", version="1") == 2
     assert value(m, "trtserve_request_duration_seconds_sum", model="mlp", version="1") == pytest.approx(0.06)
     assert value(m, "trtserve_request_duration_seconds_bucket", model="mlp", version="1", le="0.025") == 1
+
+
+def test_request_series_expose_what_prometheus_clients_own_counter_and_histogram_would() -> None:
+    """The request metrics are plain numbers turned into families at scrape time (`metrics/requests.py`);
+    a scrape must read exactly as prometheus_client's Counter and Histogram with the same observations."""
+    ours = ServerMetrics(clock=FakeClock())
+    ours.register_model("mlp", 1)
+    theirs = CollectorRegistry()
+    requests = Counter("trtserve_inference_requests", SPECS["inference_requests"][2], ["model", "version", "status"],
+                       registry=theirs)
+    rows = Counter("trtserve_inference_count", SPECS["inference_count"][2], ["model", "version"], registry=theirs)
+    duration = Histogram("trtserve_request_duration_seconds", SPECS["request_duration_seconds"][2],
+                         ["model", "version"], buckets=LATENCY_BUCKETS, registry=theirs)
+    requests.labels("mlp", "1", "OK"), rows.labels("mlp", "1"), duration.labels("mlp", "1")  # series at zero
+    observed = [("OK", 0.0005, 1), ("OK", 0.02, 8), ("UNAVAILABLE", 0.1, 1), ("OK", 100.0, 2),
+                ("CANCELLED", 0.3, 4), ("OK", 0.0001, 3), ("UNAVAILABLE", 0.2, 1)]  # on a bound, above all, below
+    for status, seconds, n in observed:
+        assert ours.observe_request("mlp", 1, status, seconds, rows=n)
+        requests.labels("mlp", "1", status).inc()
+        if status == "OK":
+            rows.labels("mlp", "1").inc(n)
+            duration.labels("mlp", "1").observe(seconds)
+
+    def exposition(registry: CollectorRegistry) -> tuple[set[str], set[str]]:
+        """The scrape's lines of the three families: without `_created` lines, and `_created` series
+        without their timestamps."""
+        lines = [line for line in generate_latest(registry).decode().splitlines()
+                 if any(name in line for name in ("inference_requests", "inference_count",
+                                                  "request_duration_seconds"))]
+        created = {line.rsplit(" ", 1)[0] for line in lines if "_created{" in line}
+        return {line for line in lines if "_created" not in line}, created
+
+    assert exposition(ours.registry) == exposition(theirs)
+    assert len(exposition(theirs)[1]) == 5  # OK, UNAVAILABLE, CANCELLED, rows, duration
 
 
 def test_unknown_model_or_version_never_creates_labels(m: ServerMetrics) -> None:

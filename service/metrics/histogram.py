@@ -21,6 +21,17 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 
+def exposes_created() -> bool:
+    """Whether series carry `_created` samples: prometheus_client's own metrics read the same variable."""
+    return os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in ("true", "1", "t")
+
+
+def add_created(family: HistogramMetricFamily, labels: dict[str, str], created: float) -> None:
+    """The `_created` sample of one histogram series: HistogramMetricFamily.add_metric takes no creation
+    time (CounterMetricFamily's does, and appends this same sample); a Histogram exposes one per series."""
+    family.samples.append(Sample(family.name + "_created", labels, created))
+
+
 class HistogramSeries:
     """One labelled series: bucket counts (not cumulative, +Inf last) and the sum of the values."""
 
@@ -60,8 +71,7 @@ class AggregatedHistogram:
         self._documentation = documentation
         self._labelnames = tuple(labelnames)
         self._le = (*(floatToGoString(b) for b in buckets), "+Inf")
-        # prometheus_client reads the same variable for its own metrics.
-        self._created = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in ("true", "1", "t")
+        self._created = exposes_created()
         self._lock = threading.Lock()
         self._series: dict[tuple[str, ...], HistogramSeries] = {}
         registry.register(self)
@@ -92,7 +102,5 @@ class AggregatedHistogram:
         for values, counts, total, created in snapshot:
             family.add_metric(values, list(zip(self._le, accumulate(counts))), total)
             if self._created:
-                # HistogramMetricFamily.add_metric takes no creation time (CounterMetricFamily's does, and
-                # appends this same sample); a Histogram exposes one per series.
-                family.samples.append(Sample(self._name + "_created", dict(zip(self._labelnames, values)), created))
+                add_created(family, dict(zip(self._labelnames, values)), created)
         yield family

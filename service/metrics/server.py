@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.metrics.histogram import AggregatedHistogram
 from service.metrics.report import BATCH_BUCKETS, LATENCY_BUCKETS, MEMORY_KINDS, PHASES, validate
+from service.metrics.requests import RequestFamilies
 from service.metrics.statistics import ModelStatistics
 
 PREFIX = "trtserve_"
@@ -55,6 +56,8 @@ SPECS: dict[str, tuple[str, tuple[str, ...], str, tuple[float, ...]]] = {
 }
 # Fed with bucket counts from the workers' reports, not single observations.
 _AGGREGATED = {"queue_duration_seconds", "compute_duration_seconds", "batch_size"}
+# Counted per request as plain numbers (`requests.py`), not through prometheus_client's metric objects.
+_PER_REQUEST = ("inference_requests", "inference_count", "request_duration_seconds")
 
 
 def series_names(name: str) -> tuple[str, ...]:
@@ -77,6 +80,8 @@ class ServerMetrics:
         self._lock = threading.Lock()
         self._m: dict[str, Any] = {}
         for name, (kind, labels, doc, buckets) in SPECS.items():
+            if name in _PER_REQUEST:
+                continue
             if kind == "counter":
                 self._m[name] = Counter(PREFIX + name, doc, labels, registry=self.registry)
             elif kind == "gauge":
@@ -89,9 +94,8 @@ class ServerMetrics:
         self._series: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._stats: dict[tuple[str, str], ModelStatistics] = {}
-        # Requests in flight per model version: counted here and read by the gauge at scrape time, so
-        # that the request path takes one lock instead of the gauge's own as well.
-        self._pending: dict[tuple[str, str], int] = {}
+        self._requests = RequestFamilies(PREFIX, {name: SPECS[name][2] for name in _PER_REQUEST},
+                                         SPECS["request_duration_seconds"][3], self._lock, self.registry)
 
     # -- model registry (the label guard) --------------------------------------------------------------
     def register_model(self, name: str, version: int | str) -> None:
@@ -102,20 +106,17 @@ class ServerMetrics:
                 return
             first = not self._versions[name]
             self._versions[name].add(v)
-            self._stats[(name, v)] = ModelStatistics()
-            self._pending[(name, v)] = 0
+            stats = self._stats[(name, v)] = ModelStatistics()
             for metric in (
-                "inference_count",
                 "inference_exec_count",
-                "request_duration_seconds",
                 "queue_duration_seconds",
                 "batch_size",
                 "pending_requests",
                 "model_ready",
             ):
                 self._child(metric, name, v)
-            self._child("pending_requests", name, v).set_function(lambda key=(name, v): self._pending.get(key, 0))
-            self._child("inference_requests", name, v, "OK")
+            series = self._requests.add(name, v, stats)
+            self._child("pending_requests", name, v).set_function(lambda: series.pending)
             for phase in PHASES:
                 self._child("compute_duration_seconds", name, v, phase)
             if first:
@@ -145,7 +146,7 @@ class ServerMetrics:
             versions -= gone
             for v in gone:
                 self._stats.pop((name, v), None)
-                self._pending.pop((name, v), None)
+                self._requests.series.pop((name, v), None)
             whole = not versions
             for metric, values in list(self._series.get(name, ())):
                 per_version = SPECS[metric][1][:2] == _MV
@@ -171,26 +172,20 @@ class ServerMetrics:
         """One finished request; `status` is a grpc.StatusCode name. False when the model is unknown."""
         v = str(version)
         with self._lock:
-            if not self.known(model, v):
+            series = self._requests.series.get((model, v))
+            if series is None:
                 return False
-            self._child("inference_requests", model, v, status).inc()
-            stats = self._stats[(model, v)]
             if status == "OK":
-                self._child("request_duration_seconds", model, v).observe(seconds)
-                self._child("inference_count", model, v).inc(rows)
-                stats.inference_count += rows
-                stats.last_inference_ms = int(self._clock() * 1000)
-                stats.add("success", 1, seconds)
+                series.ok(seconds, rows, int(self._clock() * 1000))
             else:
-                stats.add("fail", 1, seconds)
+                series.fail(status, seconds)
             return True
 
     def add_pending(self, model: str, version: int | str, delta: int) -> None:
         """+1 when a request is handed to the worker, -1 when its answer (or failure) comes back."""
-        key = (model, str(version))
-        with self._lock:
-            if key in self._pending:  # registered
-                self._pending[key] += delta
+        series = self._requests.series.get((model, str(version)))
+        if series is not None:  # registered; only the event loop's thread changes it, the gauge reads it
+            series.pending += delta
 
     def set_ready(self, model: str, version: int | str, ready: bool) -> None:
         with self._lock:
