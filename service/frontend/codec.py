@@ -207,9 +207,11 @@ class RequestPlan:
     """What `decode_request`'s fast path checks a request against, computed once per ModelSpec object:
     per input (name, datatype, label, full config shape, fixed dims without the batch dim or None when
     one is -1, elements per row, bytes per element, kind); None when the spec has an input the fast path
-    cannot judge (a dim below -1, an unknown datatype). Also the encoder of the model's answers."""
+    cannot judge (a dim below -1, an unknown datatype). Also the encoder of the model's answers, and
+    whether every input is of a fixed-size datatype other than BOOL (`fixed_only`: a request's head then
+    decides everything but its byte counts, see `templates.py`)."""
 
-    __slots__ = ("inputs", "max_batch", "output_names", "response", "spec")
+    __slots__ = ("fixed_only", "inputs", "max_batch", "output_names", "response", "spec")
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -226,6 +228,7 @@ class RequestPlan:
             entries.append((cfg.name, cfg.datatype, f"input '{cfg.name}'", list(config_shape(spec, cfg)), fixed,
                             math.prod(cfg.dims), NUMPY_DTYPES[cfg.datatype].itemsize, kind))
         self.inputs = tuple(entries) if entries else None
+        self.fixed_only = self.inputs is not None and all(entry[-1] == _FIXED for entry in self.inputs)
 
 
 class RequestPlans:

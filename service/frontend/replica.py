@@ -47,7 +47,7 @@ class ReplicaServicer(InferRpcs):
 
     async def _infer(self, request: InferRequest, timeout_s: float | None,
                      stream: bool = False) -> bytes | pb.ModelInferResponse:
-        if self._routes.route(request.message.model_name, request.message.model_version) is not None:
+        if self._routes.route(request.model_name, request.model_version) is not None:
             return await super()._infer(request, timeout_s, stream)
         try:
             return await self._parent.ModelInfer(request.whole(), timeout=timeout_s)

@@ -18,6 +18,7 @@ from service.frontend.errors import status_of
 from service.frontend.health import Health
 from service.frontend.request_wire import InferRequest, parse_infer_request
 from service.frontend.response_wire import serialize
+from service.frontend.templates import RequestTemplates
 from service.metrics import ServerMetrics
 from service.proto import inference_pb2 as pb
 from service.proto import inference_pb2_grpc
@@ -51,6 +52,7 @@ class InferRpcs(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._models = models
         self._metrics = metrics
         self._plans = codec.RequestPlans()
+        self._templates = RequestTemplates()
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """The two RPCs' handlers by full method name; requests arrive as `InferRequest`s (their tensor
@@ -83,10 +85,9 @@ class InferRpcs(inference_pb2_grpc.GRPCInferenceServiceServicer):
                         response = pb.ModelStreamInferResponse(infer_response=response)
                 except Exception as exc:
                     _, message = status_of(exc)
-                    m = request.message
                     response = pb.ModelStreamInferResponse(
                         error_message=message, infer_response=pb.ModelInferResponse(
-                            model_name=m.model_name, model_version=m.model_version, id=m.id))
+                            model_name=request.model_name, model_version=request.model_version, id=request.id))
                 await responses.send(response)
             except Exception as exc:  # the call is broken: it ends with this error, as a write in the handler would
                 if not broken and handler is not None:
@@ -114,21 +115,20 @@ class InferRpcs(inference_pb2_grpc.GRPCInferenceServiceServicer):
         """Run one request; its answer serialized (for a stream: a ModelStreamInferResponse), or a message
         another process answered with."""
         started = time.perf_counter()
-        request = parsed.message
-        handle = self._models.get(request.model_name, request.model_version)  # before any metric label
+        handle = self._models.get(parsed.model_name, parsed.model_version)  # before any metric label
         spec = handle.spec
         rows = 0
         status = "OK"
         try:
             plan = self._plans.get(spec)
-            inputs, output_names = codec.decode_request(request, spec, parsed.raw, plan)
+            inputs, output_names = self._templates.decode(parsed, plan)
             rows = inputs[0].shape[0] if spec.max_batch_size > 0 and inputs else 1
             self._metrics.add_pending(spec.name, spec.version, 1)
             try:
                 outputs = await handle.infer(inputs, output_names, timeout_s)
             finally:
                 self._metrics.add_pending(spec.name, spec.version, -1)
-            return plan.response.encode(request.id, outputs, stream)
+            return plan.response.encode(parsed.id, outputs, stream)
         except ServeError as exc:
             status = exc.code
             raise
