@@ -72,6 +72,8 @@ def _time(fn: Callable[[], object], number: int = 3000) -> float:
 def micro() -> list[tuple[str, str, float]]:
     """(process, step, µs per call) for the steps of one tiny batch-1 request."""
     from service.frontend import codec
+    from service.frontend.request_wire import parse_infer_request
+    from service.frontend.templates import RequestTemplates
     from service.metrics import ServerMetrics, WorkerStats
     from service.proto import inference_pb2 as pb
     from service.repository import ModelRepository
@@ -158,10 +160,17 @@ def micro() -> list[tuple[str, str, float]]:
         return (loop.time() - t0) / n * 1e6
 
     plan = codec.RequestPlan(spec)
+    templates = RequestTemplates()
+    parsed = parse_infer_request(wire)
+    templates.decode(parsed, plan)  # its head is known from now on
     rows = [
-        ("frontend", "parse ModelInferRequest (protobuf, grpc deserializer)",
+        ("frontend", "parse_infer_request (the scan gRPC's deserializer runs)",
+         _time(lambda: parse_infer_request(wire))),
+        ("frontend", "  reference: protobuf's parse of the whole message",
          _time(lambda: pb.ModelInferRequest.FromString(wire))),
-        ("frontend", "codec.decode_request", _time(lambda: codec.decode_request(request, spec, None, plan))),
+        ("frontend", "RequestTemplates.lookup (a head seen before)", _time(lambda: templates.lookup(parsed, spec))),
+        ("frontend", "codec.decode_request (a head's first request)",
+         _time(lambda: codec.decode_request(request, spec, None, plan))),
         ("frontend", "ResponseEncoder.encode (a stream's answer, serialized)",
          _time(lambda: plan.response.encode(request.id, outputs, stream=True))),
         ("frontend", "metrics.add_pending(+1, -1)", _time(lambda: (metrics.add_pending("tiny", 1, 1),

@@ -104,6 +104,16 @@ def test_hotpath_step_timings_run_against_the_current_code(tmp_path):
         assert step in text
 
 
+def test_frontend_steps_run_against_the_current_code(tmp_path):
+    """bench.frontend_steps drives the frontend's pieces directly; one short round of each row runs here."""
+    done = subprocess.run([sys.executable, "-m", "bench.frontend_steps", "--requests", "160", "--rounds", "1",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in (tmp_path / "frontend_steps.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 7  # header and six steps, each with a time
+    assert all(float(row.split("|")[2]) > 0 for row in rows[1:])
+
+
 def test_a_batching_point_reads_its_engine_numbers_from_the_real_server(tmp_path):
     from bench.batching import make_repo, serve_point
     from tests.server import start
