@@ -21,10 +21,13 @@ _STREAM_INFER_RESPONSE = b"\x12"  # ModelStreamInferResponse.infer_response
 _META_CACHE_LIMIT = 1024
 
 
+_ONE_BYTE_VARINTS = tuple(bytes((n,)) for n in range(0x80))
+
+
 def varint(n: int) -> bytes:
     """Protobuf's base-128 varint of a non-negative integer."""
     if n < 0x80:
-        return bytes((n,))
+        return _ONE_BYTE_VARINTS[n]
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -47,19 +50,26 @@ class ResponseEncoder:
     def encode(self, request_id: str, outputs: list[WireTensor], stream: bool = False) -> bytes:
         """The response to a request with id `request_id`: `outputs` in this order. With `stream`, a
         `ModelStreamInferResponse` holding it."""
-        parts = [self._head]
+        meta = self._outputs_meta(outputs)
+        parts = [_STREAM_INFER_RESPONSE, b"", self._head] if stream else [self._head]
+        size = len(self._head) + len(meta)  # of the ModelInferResponse, for the stream's length prefix
         if request_id:
-            parts.append(_field(_ID, request_id.encode()))
-        parts.append(self._outputs_meta(outputs))
+            rid = request_id.encode()
+            length = varint(len(rid))
+            parts += (_ID, length, rid)
+            size += 1 + len(length) + len(rid)
+        parts.append(meta)
         for out in outputs:
-            parts += (_RAW_OUTPUT_CONTENTS, varint(nbytes(out.data)), out.data)
+            n = nbytes(out.data)
+            length = varint(n)
+            parts += (_RAW_OUTPUT_CONTENTS, length, out.data)
+            size += 1 + len(length) + n
         if stream:
-            size = sum(map(nbytes, parts))
-            parts[:0] = (_STREAM_INFER_RESPONSE, varint(size))
+            parts[1] = varint(size)
         return b"".join(parts)
 
     def _outputs_meta(self, outputs: list[WireTensor]) -> bytes:
-        key = tuple((out.name, out.datatype, tuple(out.shape)) for out in outputs)
+        key = tuple([(out.name, out.datatype, tuple(out.shape)) for out in outputs])
         meta = self._meta.get(key)
         if meta is None:
             if len(self._meta) >= _META_CACHE_LIMIT:
