@@ -1,13 +1,15 @@
 """The frontend's side of a `tiny` request, step by step: event-loop CPU per request, without gRPC.
 
-    .venv/bin/python -m bench.frontend_steps [--requests 8000] [--rounds 7] [--inflight 8] [--out DIR]
+    .venv/bin/python -m bench.frontend_steps [--requests 2000] [--rounds 21] [--inflight 8] [--out DIR]
 
 A real `tiny` worker process serves every step; what is timed is the CPU time of the event loop's thread
 (`time.thread_time`) per request while `--inflight` coroutines each send their next request when the
 previous one returned. Each row adds one step to the row above it, so the differences between rows are
 what each step costs where it runs, with the caches that the rest of a request leaves behind (a step
-timed alone in a `timeit` loop, `bench.hotpath` part 1, costs a third to a half of that). The rows
-alternate round by round and the table gives the median: the machine is shared, and a round moves by 10-20%.
+timed alone in a `timeit` loop, `bench.hotpath` part 1, costs a third to a half of that). The machine is
+shared and a row's time moves by 10-20% from one second to the next, so the rows run in short rounds, in a
+shuffled order each round, and a step's cost is the median over the rounds of the difference between its row
+and the row it adds to in the same round (with the middle half of those differences, to show the spread).
 
 1. the round trip to the worker (`WorkerHandle.infer` with inputs made once)
 2. + reading the request's bytes (`parse_infer_request`) and finding the model (`ModelManager.get`)
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -116,7 +119,7 @@ async def _cpu_per_request(step: Callable[[], Awaitable[object]], requests: int,
 
 
 async def measure(requests: int, rounds: int, inflight: int) -> list[tuple[str, str, list[float]]]:
-    """µs of event-loop CPU per request for each step, `rounds` alternating rounds each."""
+    """(row, the row it adds to, µs of event-loop CPU per request in each round) for each row."""
     metrics = ServerMetrics()
     manager = ModelManager(ModelRepository(EXAMPLES), WorkerOptions(intra_op_threads=1), SupervisorSettings(),
                            metrics)
@@ -124,8 +127,10 @@ async def measure(requests: int, rounds: int, inflight: int) -> list[tuple[str, 
         await manager.load("tiny")
         steps = _steps(manager, metrics)
         results: dict[str, list[float]] = {name: [] for name, _, _ in steps}
+        order, shuffle = list(steps), random.Random(0).shuffle
         for _ in range(rounds):
-            for name, _, step in steps:
+            shuffle(order)
+            for name, _, step in order:
                 results[name].append(await _cpu_per_request(step, requests, inflight))
         return [(name, base, results[name]) for name, base, _ in steps]
     finally:
@@ -135,21 +140,23 @@ async def measure(requests: int, rounds: int, inflight: int) -> list[tuple[str, 
 def markdown(rows: list[tuple[str, str, list[float]]], command: str, inflight: int) -> str:
     lines = ["# The frontend's side of a request, step by step", "",
              f"`{command}`: CPU time of the event loop's thread per `tiny` batch-1 request, {inflight} in flight, "
-             "a real worker process; rows alternate round by round. Each row adds one step to the row named by "
-             "its number (3a and 3b to row 2, 4 to 3b); `step` is the difference of the two medians.", "",
-             "| | median µs | min µs | step µs | rounds |", "|---|---|---|---|---|"]
-    medians = {name: statistics.median(values) for name, _, values in rows}
-    for name, base, values in rows:
-        step = medians[name] - medians.get(base, 0.0)
-        lines.append(f"| {name} | {medians[name]:.1f} | {min(values):.1f} | {step:+.1f} | "
-                     + " ".join(f"{v:.0f}" for v in values) + " |")
+             "a real worker process, rows in a shuffled order each round. Each row adds one step to the row named "
+             "by its number (3a and 3b to row 2, 4 to 3b); `step` is the median over the rounds of the difference "
+             "between the two rows in the same round, then the middle half of those differences.", "",
+             "| | median µs | step µs | step's middle half µs |", "|---|---|---|---|"]
+    values = {name: v for name, _, v in rows}
+    for name, base, row in rows:
+        steps = sorted(a - b for a, b in zip(row, values.get(base, [0.0] * len(row))))
+        q1, _, q3 = statistics.quantiles(steps, n=4) if len(steps) > 1 else (steps[0],) * 3
+        lines.append(f"| {name} | {statistics.median(row):.1f} | {statistics.median(steps):+.1f} "
+                     f"| {q1:+.1f} .. {q3:+.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=8000, help="requests per step and round")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--requests", type=int, default=2000, help="requests per row and round")
+    parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--inflight", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for frontend_steps.md")
     args = parser.parse_args()

@@ -40,7 +40,7 @@ SCENARIOS = (
     Scenario("engine_sweep", ("--quick",), (), 1800),
     Scenario("soak", ("--quick", "--minutes", "2"), ("--minutes", "10"), 2400),
     Scenario("hotpath", ("--seconds", "5"), ("--seconds", "10"), 1200),
-    Scenario("frontend_steps", ("--rounds", "5"), ("--rounds", "9"), 900),
+    Scenario("frontend_steps", ("--rounds", "15"), ("--rounds", "41"), 900),
 )
 
 

@@ -105,8 +105,8 @@ def test_hotpath_step_timings_run_against_the_current_code(tmp_path):
 
 
 def test_frontend_steps_run_against_the_current_code(tmp_path):
-    """bench.frontend_steps drives the frontend's pieces directly; one short round of each row runs here."""
-    done = subprocess.run([sys.executable, "-m", "bench.frontend_steps", "--requests", "160", "--rounds", "1",
+    """bench.frontend_steps drives the frontend's pieces directly; two short rounds of each row run here."""
+    done = subprocess.run([sys.executable, "-m", "bench.frontend_steps", "--requests", "160", "--rounds", "2",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line for line in (tmp_path / "frontend_steps.md").read_text().splitlines() if line.startswith("| ")]
