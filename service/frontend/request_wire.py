@@ -7,7 +7,7 @@ fields are scanned here instead: `raw_input_contents` (field 7) become views of 
 `model_name`, `model_version` and `id` (fields 1-3) plain strings, and everything else (the inputs'
 names, datatypes and shapes, the requested outputs, parameters) stays bytes: the request's `head`.
 Requests of one client to one model differ only in their id and their tensor bytes, so their heads
-are equal, and the servicer checks a head against the model once (`codec.RequestTemplates`); the
+are equal, and the servicer checks a head against the model once (`templates.RequestTemplates`); the
 message is parsed from the head only when a request needs it (`InferRequest.message`).
 """
 

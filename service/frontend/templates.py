@@ -45,8 +45,8 @@ class RequestTemplate:
 
 
 class RequestTemplates:
-    """RequestTemplates by head, for one servicer; at most `limit` kept (emptied when full: heads come
-    from clients)."""
+    """The templates of the heads seen by one servicer; at most `limit` kept (emptied when full: heads
+    come from clients)."""
 
     def __init__(self, limit: int = 1024) -> None:
         self._templates: dict[bytes, RequestTemplate] = {}
