@@ -30,13 +30,14 @@ _LABELS = ("model", "version")
 
 class RequestSeries:
     """One model version's finished requests: counts by status, rows and the duration histogram of the
-    successful ones, the ModelStatistics they feed, and the requests in flight (read by a gauge)."""
+    successful ones, the version's ModelStatistics (which the workers' reports add to as well), and the
+    requests in flight (read by a gauge)."""
 
     __slots__ = ("_bounds", "buckets", "created", "duration_sum", "failed", "pending", "stats")
 
-    def __init__(self, bounds: Sequence[float], stats: ModelStatistics) -> None:
+    def __init__(self, bounds: Sequence[float]) -> None:
         self._bounds = bounds
-        self.stats = stats
+        self.stats = ModelStatistics()
         self.buckets = [0] * (len(bounds) + 1)  # not cumulative, +Inf last
         self.duration_sum = 0.0
         self.failed: dict[str, list[float]] = {}  # status -> [count, created]
@@ -75,9 +76,9 @@ class RequestFamilies:
         self.series: dict[tuple[str, str], RequestSeries] = {}
         registry.register(self)
 
-    def add(self, model: str, version: str, stats: ModelStatistics) -> RequestSeries:
+    def add(self, model: str, version: str) -> RequestSeries:
         """The series of a newly registered model version (the caller holds the lock)."""
-        series = self.series[(model, version)] = RequestSeries(self._bounds, stats)
+        series = self.series[(model, version)] = RequestSeries(self._bounds)
         return series
 
     def describe(self) -> list[Metric]:

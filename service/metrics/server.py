@@ -22,7 +22,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from service.metrics.histogram import AggregatedHistogram
 from service.metrics.report import BATCH_BUCKETS, LATENCY_BUCKETS, MEMORY_KINDS, PHASES, validate
 from service.metrics.requests import RequestFamilies
-from service.metrics.statistics import ModelStatistics
 
 PREFIX = "trtserve_"
 BUILD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -93,7 +92,6 @@ class ServerMetrics:
         self._versions: dict[str, set[str]] = {}
         self._series: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
-        self._stats: dict[tuple[str, str], ModelStatistics] = {}
         self._requests = RequestFamilies(PREFIX, {name: SPECS[name][2] for name in _PER_REQUEST},
                                          SPECS["request_duration_seconds"][3], self._lock, self.registry)
 
@@ -106,7 +104,6 @@ class ServerMetrics:
                 return
             first = not self._versions[name]
             self._versions[name].add(v)
-            stats = self._stats[(name, v)] = ModelStatistics()
             for metric in (
                 "inference_exec_count",
                 "queue_duration_seconds",
@@ -115,7 +112,7 @@ class ServerMetrics:
                 "model_ready",
             ):
                 self._child(metric, name, v)
-            series = self._requests.add(name, v, stats)
+            series = self._requests.add(name, v)
             self._child("pending_requests", name, v).set_function(lambda: series.pending)
             for phase in PHASES:
                 self._child("compute_duration_seconds", name, v, phase)
@@ -145,7 +142,6 @@ class ServerMetrics:
             gone = set(versions) if version is None else versions & {str(version)}
             versions -= gone
             for v in gone:
-                self._stats.pop((name, v), None)
                 self._requests.series.pop((name, v), None)
             whole = not versions
             for metric, values in list(self._series.get(name, ())):
@@ -214,7 +210,7 @@ class ServerMetrics:
                 return False
             ex = stats.get("exec")
             if ex is not None:
-                self._stats[(model, v)].add_executions(ex)
+                self._requests.series[(model, v)].stats.add_executions(ex)
                 self._child("inference_exec_count", model, v).inc(ex["count"])
                 histograms = ex["histograms"]
                 self._child("batch_size", model, v).add(*histograms["batch_size"])
@@ -242,10 +238,10 @@ class ServerMetrics:
     def registered(self) -> list[tuple[str, str]]:
         """(model, version) pairs, sorted: what a ModelStatistics request without a name returns."""
         with self._lock:
-            return sorted(self._stats)
+            return sorted(self._requests.series)
 
     def statistics(self, model: str, version: int | str) -> dict[str, Any]:
         """ModelStatistics as a dict in protobuf JSON field names (json_format.ParseDict takes it).
         Raises KeyError for a model version that is not registered."""
         with self._lock:
-            return self._stats[(model, str(version))].to_dict(model, str(version))
+            return self._requests.series[(model, str(version))].stats.to_dict(model, str(version))
