@@ -16,6 +16,8 @@ with protobuf (the generated servicer's (de)serializers), `--interceptor` instal
 `ErrorInterceptor`, and `--hop` makes every request wait for one round trip of 72 bytes to an echo
 process over a socketpair (the event-loop side like trtserve's supervisor, the echo side a blocking
 `multiprocessing.Connection` like its worker): the least a process-per-model design costs.
+Its malloc keeps freed heap as trtserve's frontend does (`--heap-keep-bytes`, same default), so large
+requests cost both the same page faults.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from multiprocessing.connection import Connection
 import grpc
 import numpy as np
 
+from service.memory.heap import keep_freed_heap
 from service.proto import inference_pb2
+from service.settings import ServerSettings
 
 SERVICE = "inference.GRPCInferenceService"
 _LEN = struct.Struct("!i")  # multiprocessing.Connection's frame length prefix
@@ -170,7 +174,10 @@ def main() -> None:
     parser.add_argument("--parse", action="store_true", help="parse requests and serialize answers (protobuf)")
     parser.add_argument("--interceptor", action="store_true", help="install trtserve's ErrorInterceptor")
     parser.add_argument("--hop", action="store_true", help="one round trip to an echo process per request")
+    parser.add_argument("--heap-keep-bytes", type=int, default=ServerSettings.heap_keep_bytes,
+                        help="freed heap the process keeps, as trtserve's flag of that name (default: trtserve's)")
     args = parser.parse_args()
+    keep_freed_heap(args.heap_keep_bytes)
     asyncio.run(serve(args.host, args.port, parse=args.parse, interceptor=args.interceptor, hop=args.hop))
 
 

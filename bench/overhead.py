@@ -71,14 +71,24 @@ class Measurement:
     cpu_by_pid: dict[int, float] = field(default_factory=dict, repr=False)  # µs per request of each process
     switches: float = 0.0  # context switches of all server threads per request
     main_cpu_us: float = 0.0  # of server_cpu_us, the processes started as the server (not their children)
+    main_faults: float = 0.0  # minor page faults per request of the processes started as the server
 
 
-def _client_proc(url: str, threads: int, seconds: float, stream: bool, barrier: object, out: object) -> None:
+@dataclass(frozen=True)
+class Request:
+    """What every client sends: one FP32 input `x` of `shape` (random, seed 0) to `model`."""
+
+    model: str = "tiny"
+    shape: tuple[int, ...] = (1, 16)
+
+
+def _client_proc(url: str, threads: int, seconds: float, stream: bool, barrier: object, out: object,
+                 request: Request) -> None:
     from bench.load import run_load
 
-    x = np.random.default_rng(0).standard_normal((1, 16), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal(request.shape, dtype=np.float32)
     barrier.wait()
-    r = run_load(url, "tiny", {"x": x}, threads, seconds, {"x": "FP32"}, stream=stream, warmup_s=WARMUP_S)
+    r = run_load(url, request.model, {"x": x}, threads, seconds, {"x": "FP32"}, stream=stream, warmup_s=WARMUP_S)
     out.put((r.latencies_s.tolist(), r.errors))
 
 
@@ -108,19 +118,29 @@ def _switches(pids: list[int]) -> int:
     return total
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (/proc/PID/stat's minflt): pages it touched for the first time,
+    each found, zeroed and mapped by the kernel."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _busy_seconds() -> float:
     t = psutil.cpu_times()
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
 def measure(server: str, url: str, server_pids: list[int], clients: int, seconds: float, stream: bool,
-            client_procs: int) -> Measurement:
+            client_procs: int, request: Request = Request()) -> Measurement:
     """Closed-loop load from `clients` tritonclient threads spread over `client_procs` processes."""
     ctx = multiprocessing.get_context("spawn")
     nprocs = max(1, min(client_procs, clients))
     split = [clients // nprocs + (1 if i < clients % nprocs else 0) for i in range(nprocs)]
     barrier, out = ctx.Barrier(nprocs + 1), ctx.Queue()
-    procs = [ctx.Process(target=_client_proc, args=(url, n, seconds, stream, barrier, out), daemon=True)
+    procs = [ctx.Process(target=_client_proc, args=(url, n, seconds, stream, barrier, out, request),
+                         daemon=True)
              for n in split]
     for p in procs:
         p.start()
@@ -136,12 +156,14 @@ def measure(server: str, url: str, server_pids: list[int], clients: int, seconds
         raise RuntimeError(f"load generator processes did not start (exit codes {codes})") from None
     time.sleep(WARMUP_S)
     sw0 = _switches([p.pid for p in watched])
+    faults0 = sum(minor_faults(pid) for pid in server_pids)
     each0 = {p.pid: _cpu_seconds([p]) for p in watched}  # one reading per process; the totals are their sums
     ccpu0, busy0, t0 = _cpu_seconds(clients_ps), _busy_seconds(), time.monotonic()
     time.sleep(seconds)
     ccpu1, busy1, t1 = _cpu_seconds(clients_ps), _busy_seconds(), time.monotonic()
     each1 = {p.pid: _cpu_seconds([p]) for p in watched}
     sw1 = _switches([p.pid for p in watched])
+    faults1 = sum(minor_faults(pid) for pid in server_pids)
     cpu0, cpu1 = sum(each0.values()), sum(each1.values())
     results = [out.get(timeout=seconds + 120) for _ in procs]
     for p in procs:
@@ -160,7 +182,8 @@ def measure(server: str, url: str, server_pids: list[int], clients: int, seconds
                        other / (t1 - t0) * 100, 1, lat.tolist(),
                        {pid: (each1[pid] - each0[pid]) / done_in_window * 1e6 for pid in each0},
                        (sw1 - sw0) / done_in_window,
-                       sum(each1[pid] - each0[pid] for pid in server_pids) / done_in_window * 1e6)
+                       sum(each1[pid] - each0[pid] for pid in server_pids) / done_in_window * 1e6,
+                       (faults1 - faults0) / done_in_window)
 
 
 def combine(rounds: list[Measurement]) -> Measurement:
@@ -178,7 +201,8 @@ def combine(rounds: list[Measurement]) -> Measurement:
                        float(np.mean([m.client_cpu_pct for m in rounds])),
                        float(np.mean([m.other_cpu_pct for m in rounds])), len(rounds), lat.tolist(),
                        switches=sum(m.switches * m.rps for m in rounds) / weight,
-                       main_cpu_us=sum(m.main_cpu_us * m.rps for m in rounds) / weight)
+                       main_cpu_us=sum(m.main_cpu_us * m.rps for m in rounds) / weight,
+                       main_faults=sum(m.main_faults * m.rps for m in rounds) / weight)
 
 
 class FloorProcess:

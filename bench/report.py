@@ -23,7 +23,7 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Known scenarios first, in this order; any other <name>.md found is appended after them.
-ORDER = ("overhead", "batching", "engine_sweep", "soak")
+ORDER = ("overhead", "batching", "large_requests", "engine_sweep", "soak")
 PROFILE = ("profile", "hotpath", "frontend_steps")
 SKIP = {"REPORT"}
 PACKAGES = ("grpcio", "protobuf", "onnxruntime", "onnxruntime-gpu", "numpy", "tritonclient", "prometheus-client",

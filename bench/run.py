@@ -37,6 +37,7 @@ class Scenario:
 SCENARIOS = (
     Scenario("overhead", ("--quick",), (), 1800),
     Scenario("batching", ("--quick",), (), 1800),
+    Scenario("large_requests", ("--quick",), (), 900),
     Scenario("engine_sweep", ("--quick",), (), 1800),
     Scenario("soak", ("--quick", "--minutes", "2"), ("--minutes", "10"), 2400),
     Scenario("hotpath", ("--seconds", "5"), ("--seconds", "10"), 1200),

@@ -33,3 +33,4 @@ class ServerSettings:
     engine_bucket: str = "POW2"
     engine_rebuild: str = "BACKGROUND"
     frontend_processes: int = 1  # gRPC frontend processes sharing the port (SO_REUSEPORT)
+    heap_keep_bytes: int = 64 << 20  # freed heap a frontend process keeps for the next requests (glibc)

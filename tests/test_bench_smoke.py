@@ -200,3 +200,19 @@ def test_the_overhead_benchmark_serves_n_frontend_processes_against_n_floor_proc
                 assert m.main_cpu_us == pytest.approx(m.server_cpu_us)
             else:  # the parent frontend, and the worker and extra frontend beside it
                 assert 0 < m.main_cpu_us < m.server_cpu_us
+
+
+def test_the_large_request_benchmark_serves_all_four_servers_and_counts_their_page_faults(tmp_path):
+    """bench.large_requests, one short round: every server answers the 512 KiB requests, and the page faults
+    tell the heap settings apart (glibc's defaults fault most of a request's 128 pages in again)."""
+    done = subprocess.run([sys.executable, "-m", "bench.large_requests", "--clients", "4", "--seconds", "1",
+                           "--rounds", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {row.split("|")[1].strip(): row.split("|")[2:] for row in
+            (tmp_path / "large_requests.md").read_text().splitlines() if row.startswith("| ") and "server" not in row}
+    assert set(rows) == {"trtserve", "trtserve, heap 0", "floor", "floor, heap 0"}
+    assert all(float(cells[0]) > 0 and cells[4].strip() == "0" for cells in rows.values())  # requests/s, errors
+    faults = {name: float(cells[3]) for name, cells in rows.items()}
+    assert faults["trtserve, heap 0"] > 30 > 5 > faults["trtserve"]
+    assert faults["floor, heap 0"] > 30 > 5 > faults["floor"]

@@ -47,7 +47,7 @@ def test_every_flag_has_an_environment_variable(monkeypatch):
         "TRTSERVE_ENGINE_BUCKET": "EXACT", "TRTSERVE_ENGINE_REBUILD": "BLOCKING",
         "TRTSERVE_MAX_INFLIGHT_PER_MODEL": "9", "TRTSERVE_WORKER_HANG_TIMEOUT_SECONDS": "11",
         "TRTSERVE_TLS_CERT": "/c.pem", "TRTSERVE_TLS_KEY": "/k.pem", "TRTSERVE_TLS_CLIENT_CA": "/ca.pem",
-        "TRTSERVE_FRONTEND_PROCESSES": "4",
+        "TRTSERVE_FRONTEND_PROCESSES": "4", "TRTSERVE_HEAP_KEEP_BYTES": "0",
     }
     s = _settings(["serve"], monkeypatch, env)
     assert s.model_repository == Path("/models") and s.host == "127.0.0.1"
@@ -59,7 +59,7 @@ def test_every_flag_has_an_environment_variable(monkeypatch):
     assert s.intra_op_spinning is True
     assert (s.max_inflight_per_model, s.worker_hang_timeout_seconds) == (9, 11.0)
     assert (s.tls_cert, s.tls_key, s.tls_client_ca) == (Path("/c.pem"), Path("/k.pem"), Path("/ca.pem"))
-    assert s.frontend_processes == 4
+    assert s.frontend_processes == 4 and s.heap_keep_bytes == 0
     # every serve flag is covered above
     flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions} - {"help"}
     assert {f"TRTSERVE_{f.upper()}" for f in flags} == set(env)
@@ -87,3 +87,12 @@ def test_bad_value_is_a_usage_error(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         _settings(["serve", "--model-repository", "r", "--model-control-mode", "poll"], monkeypatch)
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_heap_keep_bytes_fits_mallopt(monkeypatch, capsys):
+    assert _settings(["serve", "--model-repository", "r"], monkeypatch).heap_keep_bytes == 64 << 20
+    assert _settings(["serve", "--model-repository", "r", "--heap-keep-bytes", "0"], monkeypatch).heap_keep_bytes == 0
+    for bad in ("-1", str(1 << 31)):
+        with pytest.raises(SystemExit):
+            _settings(["serve", "--model-repository", "r", "--heap-keep-bytes", bad], monkeypatch)
+        assert f"expected 0 to {(1 << 31) - 1} bytes, got '{bad}'" in capsys.readouterr().err

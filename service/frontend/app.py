@@ -27,6 +27,7 @@ from service.frontend.ports import bind_public_port, grpc_options
 from service.frontend.replicas import FrontendReplicas
 from service.frontend.request_wire import service_handlers
 from service.frontend.servicer import SERVICE, InferenceServicer
+from service.memory.heap import keep_freed_heap
 from service.metrics import MetricsEndpoint, ServerMetrics, start_http_server
 from service.proto import inference_pb2
 from service.proto._pool import POOL
@@ -182,4 +183,5 @@ async def _run(settings: ServerSettings) -> int:
 def serve(settings: ServerSettings) -> int:
     """Run the server until SIGTERM or SIGINT; returns the process exit code."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    keep_freed_heap(settings.heap_keep_bytes)
     return asyncio.run(_run(settings))

@@ -26,6 +26,7 @@ from service.frontend.proxy import ForwardingHandler
 from service.frontend.request_wire import InferRequest
 from service.frontend.routes import RequestRecorder, RouteTable
 from service.frontend.servicer import InferRpcs
+from service.memory.heap import keep_freed_heap
 from service.proto import inference_pb2 as pb
 from service.proto import inference_pb2_grpc
 from service.settings import ServerSettings
@@ -62,6 +63,7 @@ def main(settings: ServerSettings, grpc_port: int, internal_address: str, contro
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s frontend[{index}] %(message)s")
+    keep_freed_heap(settings.heap_keep_bytes)
     asyncio.run(_serve(settings, grpc_port, internal_address, control, shm_wait_s))
 
 
