@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import psutil
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.overhead import WARMUP_S, FloorProcess, Measurement, Request, combine, measure
@@ -75,7 +76,8 @@ def servers(repo: Path) -> Iterator[list[tuple[str, str, list[int]]]]:
                ("floor, heap 0", floor_plain.url, [floor_plain.proc.pid])]
 
 
-def run(clients: int, seconds: float, rounds: int) -> list[Measurement]:
+def run(clients: int, seconds: float, rounds: int) -> tuple[list[Measurement], dict[str, float]]:
+    """The servers' combined measurements, and each receiving process's resident memory (MiB) at the end."""
     with tempfile.TemporaryDirectory(prefix="trtserve-large-") as tmp, servers(write_repository(Path(tmp))) as all_:
         done: dict[str, list[Measurement]] = {name: [] for name, _, _ in all_}
         for _ in range(rounds):
@@ -84,10 +86,12 @@ def run(clients: int, seconds: float, rounds: int) -> list[Measurement]:
                 print(f"{name:17s} rps={m.rps:6.0f} p50={m.p50_ms:6.2f}ms server_cpu={m.server_cpu_us:5.0f}us/req "
                       f"(main {m.main_cpu_us:4.0f}) faults={m.main_faults:5.0f}/req errors={m.errors}", flush=True)
                 done[name].append(m)
-    return [combine(ms) for ms in done.values()]
+        rss = {name: psutil.Process(pids[0]).memory_info().rss / 2**20 for name, _, pids in all_}
+    return [combine(ms) for ms in done.values()], rss
 
 
-def markdown(results: list[Measurement], command: str, clients: int, seconds: float, rounds: int) -> str:
+def markdown(results: list[Measurement], rss: dict[str, float], command: str, clients: int, seconds: float,
+             rounds: int) -> str:
     by = {m.server: m for m in results}
     lines = [
         "# Large requests: a frontend's CPU per 512 KiB request, and the heap setting",
@@ -100,19 +104,21 @@ def markdown(results: list[Measurement], command: str, clients: int, seconds: fl
         "almost no compute (bench/large_requests.py says why). `heap 0` = `--heap-keep-bytes 0`: glibc malloc's "
         "defaults, under which freed buffers above 128 KiB go back to the kernel. `frontend` = the process that "
         "receives the requests (trtserve's parent process; the floor's only one), `rest` = trtserve's model "
-        "worker. `faults/req` = minor page faults of that process per request.",
+        "worker. `faults/req` = minor page faults of that process per request; `RSS` = its resident memory "
+        "after the last round, what keeping freed heap costs.",
         "",
-        "| server | requests/s | p50 / p99 ms | server CPU µs/req (frontend / rest) | faults/req | errors |",
-        "|---|---|---|---|---|---|",
+        "| server | requests/s | p50 / p99 ms | server CPU µs/req (frontend / rest) | faults/req | RSS MiB | errors |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in results:
         lines.append(f"| {m.server} | {m.rps:.0f} | {m.p50_ms:.2f} / {m.p99_ms:.2f} | {m.server_cpu_us:.0f} "
                      f"({m.main_cpu_us:.0f} / {m.server_cpu_us - m.main_cpu_us:.0f}) | {m.main_faults:.0f} | "
-                     f"{m.errors} |")
+                     f"{rss[m.server]:.0f} | {m.errors} |")
     kept, plain = by["trtserve"], by["trtserve, heap 0"]
     lines += ["", f"trtserve's frontend with the default heap setting against `--heap-keep-bytes 0`: "
               f"{kept.main_cpu_us / plain.main_cpu_us - 1:+.0%} CPU per request, "
-              f"{kept.rps / plain.rps - 1:+.0%} requests/s.", ""]
+              f"{kept.rps / plain.rps - 1:+.0%} requests/s, {rss['trtserve'] - rss['trtserve, heap 0']:+.0f} MiB "
+              "resident.", ""]
     return "\n".join(lines)
 
 
@@ -126,10 +132,10 @@ def main() -> None:
     args = parser.parse_args()
     seconds = args.seconds if args.seconds is not None else (3.0 if args.quick else 5.0)
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 4)
-    results = run(args.clients, seconds, rounds)
+    results, rss = run(args.clients, seconds, rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join([".venv/bin/python -m bench.large_requests", *sys.argv[1:]])
-    (args.out / "large_requests.md").write_text(markdown(results, command, args.clients, seconds, rounds))
+    (args.out / "large_requests.md").write_text(markdown(results, rss, command, args.clients, seconds, rounds))
     print(f"wrote {args.out / 'large_requests.md'}")
 
 
