@@ -37,5 +37,8 @@ def keep_freed_heap(keep_bytes: int) -> bool:
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     mmap_threshold = min(keep_bytes // 2, MAX_MMAP_THRESHOLD)
     # Setting either parameter also stops glibc from moving the mmap threshold by itself.
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))
-                and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(keep_bytes)))
+    applied = bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))
+                   and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(keep_bytes)))
+    if not applied:
+        log.warning("glibc refused --heap-keep-bytes %d; its malloc defaults stay", keep_bytes)
+    return applied
