@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import platform
+import re
 import subprocess
 import sys
 
 import pytest
 
-from tests.server import ROOT
+from tests.server import EXAMPLES, ROOT, start
 
 # Eight 512 KiB buffers at once (eight batch-8 `convnet` requests in flight), every page written, freed,
 # twenty times; prints whether the setting applied and the minor page faults of the twenty rounds.
@@ -43,3 +44,14 @@ def test_kept_heap_serves_the_next_large_buffers_without_page_faults():
     assert kept_faults < default_faults // 20
     applied, small_faults = _faults(1 << 20)  # less than one round's 4 MiB: trimmed every round again
     assert applied == "True" and small_faults > default_faults // 2
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_every_frontend_process_keeps_freed_heap():
+    with start(EXAMPLES, ["--model-control-mode", "explicit", "--frontend-processes", "2", "--log-level", "debug",
+                          "--heap-keep-bytes", str(8 << 20)],
+               timeout_s=120) as server:
+        server.wait_for(re.compile(r"frontend\[1\] .*keeping up to"), timeout_s=30)
+        kept = [line for line in server.lines if "keeping up to 8388608 bytes of freed heap, allocations up to "
+                "4194304 bytes from the heap" in line]
+        assert len(kept) == 2 and sum("frontend[1]" in line for line in kept) == 1  # the parent and the extra one

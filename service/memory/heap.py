@@ -39,6 +39,9 @@ def keep_freed_heap(keep_bytes: int) -> bool:
     # Setting either parameter also stops glibc from moving the mmap threshold by itself.
     applied = bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))
                    and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(keep_bytes)))
-    if not applied:
+    if applied:
+        log.debug("keeping up to %d bytes of freed heap, allocations up to %d bytes from the heap",
+                  keep_bytes, mmap_threshold)
+    else:
         log.warning("glibc refused --heap-keep-bytes %d; its malloc defaults stay", keep_bytes)
     return applied

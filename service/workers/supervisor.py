@@ -45,6 +45,13 @@ class SupervisorSettings:
     max_inflight: int = 1024  # requests per model held at once; beyond it RESOURCE_EXHAUSTED at once
 
 
+def _join(process: multiprocessing.process.BaseProcess, timeout_s: float) -> None:
+    """Wait (in a thread) for the worker to exit. The exit handler on the event loop may have reaped and
+    closed the process handle before this thread got to run: then it has exited, and the wait is over."""
+    with contextlib.suppress(ValueError):  # "process object is closed"
+        process.join(timeout_s)
+
+
 class WorkerHandle:
     """One model's worker process, seen from the event loop of the parent."""
 
@@ -151,7 +158,7 @@ class WorkerHandle:
         try:
             if process is not None and process.is_alive():
                 self._link.send({"op": protocol.STOP})
-                await asyncio.get_running_loop().run_in_executor(None, process.join, timeout_s)
+                await asyncio.get_running_loop().run_in_executor(None, _join, process, timeout_s)
         finally:  # a cancelled caller (a client's deadline on unload) cuts only the graceful wait short
             await self._kill()
             if process is not None:
@@ -170,7 +177,7 @@ class WorkerHandle:
             return
         if process.is_alive():
             process.kill()
-        await asyncio.get_running_loop().run_in_executor(None, process.join, 5)
+        await asyncio.get_running_loop().run_in_executor(None, _join, process, 5)
         self._detach(process, Unavailable(f"model '{self.spec.name}' worker stopped"))
 
     def _detach(self, process: multiprocessing.process.BaseProcess, err: ServeError) -> None:
