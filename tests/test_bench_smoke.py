@@ -205,7 +205,7 @@ def test_the_overhead_benchmark_serves_n_frontend_processes_against_n_floor_proc
 def test_the_large_request_benchmark_serves_all_four_servers_and_counts_their_page_faults(tmp_path):
     """bench.large_requests, one short round: every server answers the 512 KiB requests, and the page faults
     tell the heap settings apart (glibc's defaults fault most of a request's 128 pages in again)."""
-    done = subprocess.run([sys.executable, "-m", "bench.large_requests", "--clients", "4", "--seconds", "1",
+    done = subprocess.run([sys.executable, "-m", "bench.large_requests", "--clients", "8", "--seconds", "1",
                            "--rounds", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -215,5 +215,5 @@ def test_the_large_request_benchmark_serves_all_four_servers_and_counts_their_pa
     assert all(float(cells[0]) > 0 and cells[5].strip() == "0" for cells in rows.values())  # requests/s, errors
     assert all(float(cells[4]) > 10 for cells in rows.values())  # resident MiB of a Python process
     faults = {name: float(cells[3]) for name, cells in rows.items()}
-    assert faults["trtserve, heap 0"] > 30 > 5 > faults["trtserve"]
-    assert faults["floor, heap 0"] > 30 > 5 > faults["floor"]
+    for server in ("trtserve", "floor"):  # ~100 against ~1 on an idle machine; fewer in flight on a busy one
+        assert faults[f"{server}, heap 0"] > max(10.0, 5 * faults[server]), faults
