@@ -12,7 +12,8 @@ Four servers, measured alternately with the same load (closed-loop `tritonclient
 trtserve with its default heap setting and with `--heap-keep-bytes 0` (glibc's defaults), and the
 floor (`bench.floor_server`, a constant answer, no parsing) with the same two settings. Besides
 requests/s and CPU per request, the table gives the minor page faults per request of the process that
-receives the requests: the pages glibc handed back to the kernel and took fresh again.
+receives the requests (the pages glibc handed back to the kernel and took fresh again) and its resident
+memory after the rounds (what keeping freed heap costs).
 
 Writes bench/results/large_requests.md.
 """
