@@ -32,7 +32,7 @@ import onnx
 import psutil
 from onnx import TensorProto, helper, numpy_helper
 
-from bench.overhead import WARMUP_S, FloorProcess, Measurement, Request, combine, measure
+from bench.overhead import WARMUP_S, FloorProcess, Measurement, Request, alternate
 from tests.server import ROOT, start
 
 RESULTS = ROOT / "bench" / "results"
@@ -80,15 +80,9 @@ def servers(repo: Path) -> Iterator[list[tuple[str, str, list[int]]]]:
 def run(clients: int, seconds: float, rounds: int) -> tuple[list[Measurement], dict[str, float]]:
     """The servers' combined measurements, and each receiving process's resident memory (MiB) at the end."""
     with tempfile.TemporaryDirectory(prefix="trtserve-large-") as tmp, servers(write_repository(Path(tmp))) as all_:
-        done: dict[str, list[Measurement]] = {name: [] for name, _, _ in all_}
-        for _ in range(rounds):
-            for name, url, pids in all_:
-                m = measure(name, url, pids, clients, seconds, False, min(clients, 4), REQUEST)
-                print(f"{name:17s} rps={m.rps:6.0f} p50={m.p50_ms:6.2f}ms server_cpu={m.server_cpu_us:5.0f}us/req "
-                      f"(main {m.main_cpu_us:4.0f}) faults={m.main_faults:5.0f}/req errors={m.errors}", flush=True)
-                done[name].append(m)
+        results = alternate(all_, rounds, clients, seconds, False, min(clients, 4), REQUEST)
         rss = {name: psutil.Process(pids[0]).memory_info().rss / 2**20 for name, _, pids in all_}
-    return [combine(ms) for ms in done.values()], rss
+    return results, rss
 
 
 def markdown(results: list[Measurement], rss: dict[str, float], command: str, clients: int, seconds: float,

@@ -253,25 +253,32 @@ def servers(frontends: int = 1) -> Iterator[list[tuple[str, str, list[int]]]]:
 def run(clients: list[int], seconds: float, client_procs: int | None, rounds: int,
         frontends: int = 1) -> list[Measurement]:
     """Every (mode, clients) case: floor and trtserve (`servers`) alternately, `rounds` times each, then
-    combined. Alternating short rounds spreads whatever else the machine is doing over both servers alike."""
+    combined (`alternate`)."""
     results: list[Measurement] = []
     with servers(frontends) as both:
         for stream in (False, True):
             for n in clients:
                 procs = client_procs if client_procs is not None else min(n, 4)
-                done: dict[str, list[Measurement]] = {name: [] for name, _, _ in both}
-                for _ in range(rounds):
-                    for name, url, pids in both:
-                        m = measure(name, url, pids, n, seconds, stream, procs)
-                        print(f"{name:8s} {m.mode:6s} clients={n:3d} procs={m.client_procs} rps={m.rps:8.0f} "
-                              f"p50={m.p50_ms:6.2f}ms p99={m.p99_ms:6.2f}ms errors={m.errors} "
-                              f"server_cpu={m.server_cpu_us:6.0f}us/req (main {m.main_cpu_us:4.0f}) "
-                              f"switches={m.switches:4.1f}/req "
-                              f"client_cpu={m.client_cpu_pct:4.0f}% "
-                              f"other_cpu={m.other_cpu_pct:4.0f}%", flush=True)
-                        done[name].append(m)
-                results += [combine(ms) for ms in done.values()]
+                results += alternate(both, rounds, n, seconds, stream, procs)
     return results
+
+
+def alternate(servers: list[tuple[str, str, list[int]]], rounds: int, clients: int, seconds: float, stream: bool,
+              client_procs: int, request: Request = Request()) -> list[Measurement]:
+    """Each of `servers` (name, url, pids) under the same load in turn, `rounds` times, then each one's rounds
+    combined. Alternating short rounds spreads whatever else the machine is doing over all of them alike."""
+    done: dict[str, list[Measurement]] = {name: [] for name, _, _ in servers}
+    for _ in range(rounds):
+        for name, url, pids in servers:
+            m = measure(name, url, pids, clients, seconds, stream, client_procs, request)
+            print(f"{name:8s} {m.mode:6s} clients={clients:3d} procs={m.client_procs} rps={m.rps:8.0f} "
+                  f"p50={m.p50_ms:6.2f}ms p99={m.p99_ms:6.2f}ms errors={m.errors} "
+                  f"server_cpu={m.server_cpu_us:6.0f}us/req (main {m.main_cpu_us:4.0f}) "
+                  f"switches={m.switches:4.1f}/req faults={m.main_faults:5.0f}/req "
+                  f"client_cpu={m.client_cpu_pct:4.0f}% "
+                  f"other_cpu={m.other_cpu_pct:4.0f}%", flush=True)
+            done[name].append(m)
+    return [combine(ms) for ms in done.values()]
 
 
 def _pairs(results: list[Measurement]) -> list[tuple[Measurement, Measurement]]:
