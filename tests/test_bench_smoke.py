@@ -217,3 +217,19 @@ def test_the_large_request_benchmark_serves_all_four_servers_and_counts_their_pa
     faults = {name: float(cells[3]) for name, cells in rows.items()}
     for server in ("trtserve", "floor"):  # ~100 against ~1 on an idle machine; fewer in flight on a busy one
         assert faults[f"{server}, heap 0"] > max(10.0, 5 * faults[server]), faults
+
+
+def test_the_gpu_variants_benchmark_serves_each_window_and_reads_the_worker_back(tmp_path):
+    """bench.gpu_variants' parts on the CPU, with a model of convnet's shape that computes almost nothing
+    in place of convnet: every batching window gets its own model, and one short load reports a served
+    rate, executed batches, the engine's busy share and the request's time split."""
+    from bench.gpu_variants import _add_windows, served
+    from bench.large_requests import MODEL, write_repository
+
+    repo = write_repository(tmp_path)  # with dynamic batching, as bench.gpu configures convnet
+    (repo / MODEL).rename(repo / "convnet")
+    _add_windows(repo, [0, 500])
+    assert "max_queue_delay_microseconds: 500" in (repo / "convnet_d500" / "config.pbtxt").read_text()
+    r = served(repo, "convnet_d500", frontends=2, seconds=1.0, client_processes=2)
+    assert r["rate"] > 0 and r["batch"] >= 8  # batch-8 requests
+    assert 0 < r["busy"] <= 1.2 and r["client_ms"] >= r["server_ms"] >= r["queue_ms"] >= 0, r

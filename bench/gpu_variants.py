@@ -1,0 +1,105 @@
+"""(a) of bench.gpu alone, in variants of the batching window, the frontend process count and the
+load generator's process count, alternating over rounds (run on the H200):
+
+    python3 -m bench.gpu_variants [--seconds 6] [--rounds 2] [--variants 2000:4:16,0:4:16,500:4:16]
+                                  [--out FILE.md]
+
+Each variant is `max_queue_delay_microseconds:frontend processes:client processes`; each gets its own
+copy of `convnet` (as bench.gpu configures it, with that window). Besides served / engine alone it prints
+the engine's busy share (executions/s x the worker's measured run time) and the request's time split
+(client, inside the server, queued in the worker), to tell a batching window or a process count that
+keeps the engine waiting from a VM's noise. Session 13's runs: bench/results/gpu/runs/42, 43.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from bench.gpu import CpuShare, _metric, _phases, _repo, _waits, engine_alone
+from bench.load import run_load_processes
+from tests.server import ROOT, start
+
+
+def _add_windows(repo: Path, delays: list[int]) -> None:
+    """`convnet_d<us>`: bench.gpu's convnet with that batching window."""
+    config = (repo / "convnet" / "config.pbtxt").read_text()
+    for delay in delays:
+        name = f"convnet_d{delay}"
+        shutil.rmtree(repo / name, ignore_errors=True)
+        shutil.copytree(repo / "convnet", repo / name)
+        text = re.sub(r'name: "\w+"', f'name: "{name}"', config, count=1)
+        text = re.sub(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {delay}", text)
+        (repo / name / "config.pbtxt").write_text(text)
+
+
+def served(repo: Path, model: str, frontends: int, seconds: float, client_processes: int) -> dict:
+    """(a)'s load against one server: batch-8 requests from 64 clients; what the worker reported."""
+    x8 = {"x": np.random.default_rng(0).standard_normal((8, 16, 32, 32), dtype=np.float32)}
+    label = f'model="{model}"'
+    args = ["--model-control-mode", "explicit", "--load-model", model, "--frontend-processes", str(frontends)]
+    with start(repo, args, timeout_s=300) as server:
+        port = server.metrics_port
+
+        def counts() -> tuple[float, float, dict, dict]:
+            return (_metric(port, "trtserve_batch_size_sum", label), _metric(port, "trtserve_batch_size_count", label),
+                    _phases(port, model), _waits(port, model))
+        before = counts()
+        with CpuShare(server) as cpu:
+            load = run_load_processes(server.url, model, x8, 64, seconds, {"x": "FP32"}, processes=client_processes)
+        after = counts()
+    rows, execs = after[0] - before[0], after[1] - before[1]
+    if not execs:
+        raise RuntimeError(f"{model}: no batch ran ({load.errors} requests failed)")
+    run_ms = (after[2]["infer"] - before[2]["infer"]) * 1e3 / execs
+    waits = {k: after[3][k] - before[3][k] for k in after[3]}
+    batch = rows / execs
+    return {"rate": load.rps * 8, "batch": batch, "busy": load.rps * 8 / batch * run_ms / 1e3,
+            "p50": load.percentile_ms(50), "client_ms": float(np.mean(load.latencies_s)) * 1e3,
+            "server_ms": waits["server_s"] * 1e3 / max(waits["requests"], 1),
+            "queue_ms": waits["queue_s"] * 1e3 / max(waits["queued"], 1), "cpu": str(cpu)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", default="2000:4:16,0:4:16,500:4:16,2000:8:16,0:8:16,2000:4:32",
+                        help="comma-separated delay_us:frontend_processes:client_processes")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    args = parser.parse_args()
+    variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",")]
+    repo = _repo(Path("/tmp/trtserve-gpu-bench"), ROOT / "examples" / "models")
+    _add_windows(repo, sorted({v[0] for v in variants}))
+    results = []
+    for round_ in range(1, args.rounds + 1):
+        for delay, frontends, clients in (variants if round_ % 2 else variants[::-1]):
+            r = served(repo, f"convnet_d{delay}", frontends, args.seconds, clients)
+            r.update(round=round_, delay=delay, frontends=frontends, clients=clients)
+            results.append(r)
+            print(f"round {round_}, window {delay} us, {frontends} frontends, {clients} client processes: "
+                  f"{r['rate']:.0f}/s, batch {r['batch']:.1f}, engine busy {r['busy']:.0%} | {r['cpu']}", flush=True)
+    alone = {}
+    for r in results:
+        batch = max(1, round(r["batch"]))
+        if batch not in alone:
+            alone[batch] = engine_alone(repo, "convnet", batch, min(args.seconds, 10))
+    lines = ["| round | window us | frontend processes | client processes | served inferences/s | mean batch | "
+             "engine alone at that batch | served / alone | engine busy | p50 ms | client / server / queued ms |",
+             "|---" * 11 + "|"]
+    for r in results:
+        a = alone[max(1, round(r["batch"]))]
+        lines.append(f"| {r['round']} | {r['delay']} | {r['frontends']} | {r['clients']} | {r['rate']:.0f} | "
+                     f"{r['batch']:.1f} | {a:.0f} | {r['rate'] / a:.1%} | {r['busy']:.0%} | {r['p50']:.1f} | "
+                     f"{r['client_ms']:.2f} / {r['server_ms']:.2f} / {r['queue_ms']:.2f} |")
+    print("\n".join(lines))
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
