@@ -54,7 +54,7 @@ CATEGORIES = {
         ("ONNX Runtime via IOBinding (engine.run_into)", ("run_into (service/engines/onnxruntime_backend",)),
         ("engine registry (choose, acquire, release)", ("service/engines/registry.py",)),
         ("buffer pool + gather/scatter (runtime.run)", ("service/workers/runtime.py",)),
-        ("reply: outputs to shm + JSON header + pipe write", ("_reply",)),
+        ("reply: outputs to shm + JSON header + pipe write", ("reply (service/workers/batches.py",)),
         ("receive: socket read, JSON decode, to_array, batcher submit", ("_dispatch", "_submit", "connections.py")),
         ("batcher.next_batch", ("batcher.py",)),
         ("compute loop and the rest", ("",)),
@@ -79,7 +79,7 @@ def micro() -> list[tuple[str, str, float]]:
     from service.repository import ModelRepository
     from service.tensors import WireTensor, to_array
     from service.workers import protocol
-    from service.workers import worker as worker_mod
+    from service.workers import batches
     from service.workers.runtime import Item, ModelRuntime
     from service.workers.worker import WorkerOptions
 
@@ -131,7 +131,7 @@ def micro() -> list[tuple[str, str, float]]:
         def send_frame(self, frame: bytes) -> None:
             pass
 
-    job = worker_mod._Job(frames.decode_infer(infer_body), 1, {"x": x}, _NoPipe())
+    job = batches.Job(frames.decode_infer(infer_body), 1, {"x": x}, _NoPipe())
 
     def worker_receive() -> object:
         request = frames.decode_infer(infer_body)
@@ -194,8 +194,8 @@ def micro() -> list[tuple[str, str, float]]:
         ("worker", "  reference: plain session.run(['y'], {'x': x})", _time(lambda: session.run(["y"], {"x": x}))),
         ("worker", "the direct lane instead (a request run by itself): ModelRuntime.direct.run",
          _time(lambda: runtime.direct.run(buf, job.request.inputs, 1), 1000)),
-        ("worker", "_reply: to_raw + copy to shm + binary RESULT (no pipe write)",
-         _time(lambda: worker_mod._reply(frames, job.channel, job.request, {"y": x}))),
+        ("worker", "reply: to_raw + copy to shm + binary RESULT (no pipe write)",
+         _time(lambda: batches.reply(frames, job.channel, job.request, {"y": x}))),
     ]
     runtime.close()
     return rows

@@ -100,7 +100,7 @@ def test_hotpath_step_timings_run_against_the_current_code(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     text = (tmp_path / "hotpath.md").read_text()
     for step in ("codec.decode_request", "FrameCodec.decode_infer + to_array", "ModelRuntime.run([1 item])",
-                 "_reply: to_raw + copy to shm"):
+                 "reply: to_raw + copy to shm"):
         assert step in text
 
 

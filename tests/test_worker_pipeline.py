@@ -25,7 +25,8 @@ import tritonclient.grpc as grpcclient
 from service.batching import BatcherSettings, DynamicBatcher, QueuedRequest
 from service.errors import Cancelled, DeadlineExceeded
 from service.workers.runtime import Item
-from service.workers.worker import INLINE_BELOW_S, PIPELINE_DEPTH, _may_start, _Running, _start
+from service.workers.batches import INLINE_BELOW_S, Running, launch
+from service.workers.worker import PIPELINE_DEPTH, _may_start
 from tests.reference import reference_outputs
 from tests.server import start
 
@@ -49,8 +50,8 @@ def _batcher(max_batch_size: int = 4) -> DynamicBatcher:
     return DynamicBatcher(BatcherSettings(model="m", max_batch_size=max_batch_size))
 
 
-def _running() -> _Running:
-    return _Running([], [], [], future=Future())
+def _running() -> Running:
+    return Running([], [], [], future=Future())
 
 
 def _queue(batcher: DynamicBatcher, rows: int) -> None:
@@ -86,14 +87,14 @@ def test_a_model_without_dynamic_batching_hands_over_any_waiting_request():
 def test_a_handed_over_batch_drops_cancelled_and_expired_requests_until_it_starts():
     jobs = [SimpleNamespace(id=k) for k in range(4)]
     items = [Item(1, {}) for _ in jobs]
-    batch = _Running(jobs, items, [None, None, time.monotonic() - 1, time.monotonic() + 60])
+    batch = Running(jobs, items, [None, None, time.monotonic() - 1, time.monotonic() + 60])
     batch.cancel(lambda job: job.id == 1)
     assert batch.start()
     assert [item.error is None for item in items] == [True, False, False, True]
     assert isinstance(items[1].error, Cancelled) and isinstance(items[2].error, DeadlineExceeded)
     batch.cancel(lambda job: job.id == 3)
     assert items[3].error is None, "a started batch is not changed: the request is answered with it"
-    gone = _Running(jobs[:1], [Item(1, {})], [time.monotonic() - 1])
+    gone = Running(jobs[:1], [Item(1, {})], [time.monotonic() - 1])
     assert not gone.start(), "nothing left to run: the engine skips the batch"
 
 
@@ -113,9 +114,9 @@ def test_a_batch_handed_to_the_idle_engine_thread_is_taken_before_the_loop_goes_
         for _ in range(5):
             release.clear()
             job = SimpleNamespace(rows=1, inputs={})
-            batch = _start(engine, runtime, (QueuedRequest(rows=1, deadline=None, payload=job),),
+            batch = launch(engine, runtime, (QueuedRequest(rows=1, deadline=None, payload=job),),
                            SimpleNamespace(wake=lambda: None), inline_ok=True)
-            assert batch.started and not batch.inline, "taken by the engine thread before _start returned"
+            assert batch.started and not batch.inline, "taken by the engine thread before launch returned"
             release.set()
             assert batch.future.result(5) == []
     finally:

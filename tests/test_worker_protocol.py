@@ -5,7 +5,7 @@ garblings of a binary frame give a FrameError (naming the request when its id is
 frames still decode, beside binary ones in one stream. Then the worker's side on a real channel, arena
 and batcher: a good INFER is queued with views of the arena, a malformed one is answered with an error
 to its request, a frame that names no request drops an extra frontend (never the parent's pipe), and
-`_reply` writes outputs into the arena or inline as room allows.
+`reply` (service/workers/batches.py) writes outputs into the arena or inline as room allows.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from service.workers.connections import Channel
 from service.workers.shm import Arena, attach
 from service.metrics import WorkerStats
 from service.workers.runtime import Item, ModelRuntime
-from service.workers.worker import WorkerOptions, _dispatch, _finish, _reply, _take_batch
+from service.workers.batches import finish, reply
+from service.workers.worker import WorkerOptions, _dispatch, _take_batch
 from tests.reference import reference_outputs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
@@ -405,7 +406,7 @@ def test_a_queued_request_run_inline_is_answered_in_its_turn_and_the_next_one_ru
     finally:
         engine.shutdown()
     assert not running and len(finished) == 1 and finished[0].inline, "run inline, to be answered this turn"
-    _finish(finished.pop(), codec, stats)
+    finish(finished.pop(), codec, stats)
     infer(42, at=64)
     assert batcher.queued_requests == 0, "the worker is idle: 42 ran on arrival"
     answers = [codec.decode_result(frame) for frame in _answers(frontend, channel)]
@@ -427,7 +428,7 @@ def test_reply_writes_what_fits_into_the_arena_and_the_rest_inline(frontend):
     total = np.array([[36]], dtype=np.int64)
     scaled = np.array([[0.5, 1.0, 1.5, 2.0]], dtype=np.float16)
     request = _request(MIXED, ["sum", "scaled"], 1024, 8)
-    _reply(protocol.FrameCodec(MIXED), channel, request, {"sum": total, "scaled": scaled})
+    reply(protocol.FrameCodec(MIXED), channel, request, {"sum": total, "scaled": scaled})
     (answer,) = _answers(frontend, channel)
     request_id, slots, payload = protocol.FrameCodec(MIXED).decode_result(answer)
     assert request_id == 21 and slots == [(0, (1, 1), 1024, 8, False), (1, (1, 4), 0, 8, True)]
@@ -438,7 +439,7 @@ def test_reply_writes_what_fits_into_the_arena_and_the_rest_inline(frontend):
 def test_reply_sends_bytes_outputs_inline(frontend):
     channel = frontend.channel()
     text = np.array([b"hello", b"", "wörld".encode()], dtype=object)
-    _reply(protocol.FrameCodec(SCALARS), channel, _request(SCALARS, ["text", "o"], 0, 4),
+    reply(protocol.FrameCodec(SCALARS), channel, _request(SCALARS, ["text", "o"], 0, 4),
            {"o": np.int32(7), "text": text})
     (answer,) = _answers(frontend, channel)
     _, slots, payload = protocol.FrameCodec(SCALARS).decode_result(answer)
@@ -457,7 +458,7 @@ def test_the_timeout_travels_as_a_double_and_none_as_nan():
 def test_outputs_of_a_batch_handed_to_the_engine_thread_survive_the_next_batch(tiny_runtime):
     """`_execute` (the engine thread's run) copies a batch's outputs out of the pool once, so the batch
     can be answered while the next one runs in the same buffers."""
-    from service.workers.worker import _execute
+    from service.workers.batches import _execute
 
     rng = np.random.default_rng(11)
     first = [Item(1, {"x": rng.standard_normal((1, 16), dtype=np.float32)}) for _ in range(3)]

@@ -1,8 +1,9 @@
 """The model worker process: receives requests from the frontends, batches and runs them, answers.
 
 One thread (`_serve`) receives frames from every frontend connection, queues requests in the dynamic
-batcher, hands due batches to the engine thread (short ones it runs itself) and answers, heartbeats
-included, so a stuck batch shows as missing heartbeats. A short request of a model without dynamic
+batcher, hands due batches to the engine thread (short ones it runs itself; a batch's life from there
+to its answers is `service/workers/batches.py`) and answers, heartbeats included, so a stuck batch shows
+as missing heartbeats. A short request of a model without dynamic
 batching that finds the worker idle is run and answered as it arrives (`_runs_now`), where it can through
 the runtime's direct lane (`service/workers/direct.py`: straight into the pool and a bound engine). The
 parent's pipe is the primary connection (control, heartbeats, stats); extra frontend processes connect
@@ -16,17 +17,12 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from service import tensors
 from service.batching import BatcherSettings, DynamicBatcher, QueuedRequest
@@ -35,15 +31,14 @@ from service.errors import Cancelled, DeadlineExceeded, InternalError, ServeErro
 from service.metrics import WorkerStats
 from service.repository import ModelSpec
 from service.workers import protocol
+from service.workers.batches import INLINE_BELOW_S, Job, Running, answer, fail, failure, finish, launch, reply
 from service.workers.connections import Channel, Connections
-from service.workers.runtime import Item, ModelRuntime, Prepared
+from service.workers.runtime import Item, ModelRuntime
 
 log = logging.getLogger("trtserve.worker")
 STATS_INTERVAL_S = 0.1
-INLINE_BELOW_S = 0.0005  # batches expected to run shorter than this run on the receiving thread
 PIPELINE_DEPTH = 2  # batches the engine thread holds: the one it runs and the full one after it
 FLUSH_AFTER_S = 0.001  # longest an answer waits while the loop keeps finding work
-TAKE_WAIT_S = 0.002  # longest the loop waits for an idle engine thread to take the batch handed to it
 
 
 @dataclass(frozen=True)
@@ -55,20 +50,6 @@ class WorkerOptions:
     engine_cache_dir: Path | None = None
     log_level: str = "INFO"
     default_policy: EnginePolicy = field(default_factory=EnginePolicy)
-
-
-@dataclass
-class _Job:
-    """One request as the worker holds it: the frontend's INFER, its input views, where to answer."""
-
-    request: protocol.InferRequest
-    rows: int
-    inputs: dict[str, np.ndarray]
-    channel: Channel
-
-    @property
-    def id(self) -> int:
-        return self.request.id
 
 
 def main(spec: ModelSpec, options: WorkerOptions, conn: Connection, arena_name: str,
@@ -117,7 +98,7 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
     after a round trip through this loop. Pings are answered when a batch finished or nothing runs, so
     a stuck batch shows as missing heartbeats."""
     engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-    running: deque[_Running] = deque()  # oldest first; the engine thread runs them in this order
+    running: deque[Running] = deque()  # oldest first; the engine thread runs them in this order
     pongs: list[int] = []
     last_stats, last_flush, wait = 0.0, 0.0, 0.0
     codec = protocol.FrameCodec(runtime.spec)  # the model's INFER/RESULT layouts, for every frontend
@@ -125,7 +106,7 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
         while True:
             for channel, frame in conns.receive(wait):
                 _dispatch(channel, frame, codec, runtime, batcher, running, pongs)
-            finished: list[_Running] = []
+            finished: list[Running] = []
             while running and running[0].future.done():
                 finished.append(running.popleft())
             if finished or not running:
@@ -137,12 +118,12 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
             if not running:
                 if batcher.closed and not batcher.queued_requests:
                     for done in finished:
-                        _finish(done, codec, stats)
+                        finish(done, codec, stats)
                     break
             if batcher.queued_requests and _may_start(running, batcher, runtime):
                 _take_batch(engine, runtime, batcher, conns, running, finished)
             for done in finished:  # answered while the engine runs the next batch
-                _finish(done, codec, stats)
+                finish(done, codec, stats)
             now = time.monotonic()
             if now - last_stats >= STATS_INTERVAL_S:
                 runtime.refresh_gauges()
@@ -165,7 +146,7 @@ def _serve(runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections, s
 
 
 def _take_batch(engine: ThreadPoolExecutor, runtime: ModelRuntime, batcher: DynamicBatcher, conns: Connections,
-                running: deque[_Running], finished: list[_Running]) -> None:
+                running: deque[Running], finished: list[Running]) -> None:
     """Take the due batch from the queue (its expired requests answered DEADLINE_EXCEEDED) and start it:
     handed to the engine thread it joins `running`; run inline it joins `finished`, answered in this turn
     of the loop. (Left in `running`, it would send requests arriving meanwhile through the queue instead of
@@ -175,11 +156,11 @@ def _take_batch(engine: ThreadPoolExecutor, runtime: ModelRuntime, batcher: Dyna
     for req in batch.expired:
         req.payload.channel.error(req.payload.id, DeadlineExceeded("deadline passed while the request was queued"))
     if batch.requests:
-        started = _start(engine, runtime, batch.requests, conns, inline_ok=not running)
+        started = launch(engine, runtime, batch.requests, conns, inline_ok=not running)
         (finished if started.inline else running).append(started)
 
 
-def _may_start(running: deque[_Running], batcher: DynamicBatcher, runtime: ModelRuntime) -> bool:
+def _may_start(running: deque[Running], batcher: DynamicBatcher, runtime: ModelRuntime) -> bool:
     """Whether to take a batch now: when nothing runs, or when the engine thread runs fewer than
     PIPELINE_DEPTH batches, the next batch cannot grow by waiting (a full one is queued, or the model runs
     requests one by one), the runtime can prepare it meanwhile (`can_overlap`), and it is expected to be
@@ -210,7 +191,7 @@ def _pin(runtime: ModelRuntime, conns: Connections, idle: bool) -> None:
 
 
 def _dispatch(channel: Channel, frame: bytes, codec: protocol.FrameCodec, runtime: ModelRuntime,
-              batcher: DynamicBatcher, running: deque[_Running], pongs: list[int]) -> None:
+              batcher: DynamicBatcher, running: deque[Running], pongs: list[int]) -> None:
     """One frame from a frontend: a request to queue, a cancellation, or (from the parent) a ping or the stop.
     A malformed request is answered with an error; a frame that names no request drops its frontend."""
     if protocol.is_infer(frame):
@@ -250,7 +231,7 @@ def _unattributable(channel: Channel, problem: str) -> None:
 
 
 def _submit(channel: Channel, request: protocol.InferRequest, codec: protocol.FrameCodec, runtime: ModelRuntime,
-            batcher: DynamicBatcher, running: deque[_Running]) -> None:
+            batcher: DynamicBatcher, running: deque[Running]) -> None:
     try:
         buf, spec_inputs = channel.buf, codec.inputs
         if request.out_offset + request.out_nbytes > buf.nbytes:
@@ -265,9 +246,9 @@ def _submit(channel: Channel, request: protocol.InferRequest, codec: protocol.Fr
         for index, shape, offset, nbytes in request.inputs:
             t = spec_inputs[index]
             inputs[t.name] = tensors.to_array(t.datatype, shape, buf[offset:offset + nbytes], name=t.name)
-        job = _Job(request, rows, inputs, channel)
+        job = Job(request, rows, inputs, channel)
         if rows == 0:  # an empty batch needs no engine
-            _reply(codec, channel, request, runtime.empty_outputs())
+            reply(codec, channel, request, runtime.empty_outputs())
             return
         if runs_now:
             _run_now(job, codec, runtime)
@@ -298,190 +279,23 @@ def _run_direct(channel: Channel, request: protocol.InferRequest, rows: int, cod
     try:
         done = runtime.direct.run(channel.buf, request.inputs, rows)
     except Exception as exc:  # answered as a failed batch is
-        channel.error(request.id, _failure(exc, 1))
+        channel.error(request.id, failure(exc, 1))
         return True
     if done is None:
         return False
     outputs, input_s, infer_s = done
     replying = time.perf_counter()
-    _reply(codec, channel, request, outputs)
+    reply(codec, channel, request, outputs)
     runtime.stats.record_exec(rows, (0.0,), input_s, infer_s, time.perf_counter() - replying)
     return True
 
 
-def _run_now(job: _Job, codec: protocol.FrameCodec, runtime: ModelRuntime) -> None:
+def _run_now(job: Job, codec: protocol.FrameCodec, runtime: ModelRuntime) -> None:
     """Run one request by itself and answer it (see `_runs_now`)."""
     item = Item(job.rows, job.inputs)
     try:
         executions = runtime.run([item])
     except Exception as exc:  # answered as a failed batch is
-        _fail([job], [item], exc)
+        fail([job], [item], exc)
         return
-    _answer([job], [item], executions, codec, runtime.stats)
-
-
-@dataclass
-class _Running:
-    """A batch handed to the engine thread (or run inline on this one: `inline`). Until the engine thread
-    starts it, its requests can still be cancelled (`cancel`) and expire (`deadlines`)."""
-
-    jobs: list[_Job]
-    items: list[Item]
-    deadlines: list[float | None]
-    future: Future[list[Any]] | _Settled | None = None  # set by `_start`
-    inline: bool = False
-    started: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    taken: threading.Event = field(default_factory=threading.Event)  # set by `start`
-
-    def cancel(self, match: Callable[[_Job], bool]) -> None:
-        """Fail the matching requests as cancelled, unless the batch started (they are answered with it)."""
-        with self.lock:
-            if not self.started:
-                for job, item in zip(self.jobs, self.items):
-                    if match(job):
-                        item.error = Cancelled("request cancelled while queued")
-
-    def start(self) -> bool:
-        """On the engine thread, as the batch starts: fail the requests whose deadline passed; whether any
-        request is still wanted."""
-        with self.lock:
-            self.started = True
-        self.taken.set()
-        now = time.monotonic()
-        for item, deadline in zip(self.items, self.deadlines):
-            if item.error is None and deadline is not None and deadline <= now:
-                item.error = DeadlineExceeded("deadline passed while the request was queued")
-        return any(item.error is None for item in self.items)
-
-
-def _start(engine: ThreadPoolExecutor, runtime: ModelRuntime, requests: tuple[QueuedRequest, ...],
-           conns: Connections, inline_ok: bool) -> _Running:
-    """Gather a batch into the pool here and hand it to the engine thread, which wakes the loop when it
-    is done. With `inline_ok` (nothing else runs), a batch expected to take under INLINE_BELOW_S runs on
-    this thread instead (a thread hand-off costs more than receiving pauses); a longer one is handed to
-    the idle engine thread, and this thread waits (up to TAKE_WAIT_S) until it took it. Otherwise the
-    engine thread would wait for the GIL while this one answers the previous batch, for up to the
-    interpreter's 5 ms switch interval: with 32 clients on 16 cores the engine ran 92% of the time
-    without the wait and 96% with it (3 alternating rounds, bench/results/gpu/runs/24)."""
-    jobs: list[_Job] = [r.payload for r in requests]
-    started = time.monotonic()
-    items = [Item(job.rows, job.inputs, queued_s=started - r.enqueued_at) for job, r in zip(jobs, requests)]
-    batch = _Running(jobs, items, [r.deadline for r in requests])
-    try:
-        prepared = runtime.prepare(items)
-        expected = runtime.expected_seconds(sum(job.rows for job in jobs)) if inline_ok else None
-        if expected is not None and expected < INLINE_BELOW_S:
-            batch.inline = True  # nothing can cancel or expire it between here and the run
-            batch.future = _Settled(_execute(runtime, prepared))
-            return batch
-    except Exception as exc:  # answered as the engine thread's failures are
-        batch.inline = True
-        batch.future = _Settled(error=exc)
-        return batch
-    batch.future = engine.submit(_run_when_wanted, runtime, batch, prepared)
-    batch.future.add_done_callback(lambda _: conns.wake())
-    if inline_ok:
-        batch.taken.wait(TAKE_WAIT_S)
-    return batch
-
-
-class _Settled:
-    """A batch run inline: the part of a finished Future the loop reads, without a Future's lock and
-    condition (a `tiny` request costs the worker little more than those)."""
-
-    __slots__ = ("_error", "_result")
-
-    def __init__(self, result: list[Any] | None = None, error: BaseException | None = None) -> None:
-        self._result, self._error = result, error
-
-    def done(self) -> bool:
-        return True
-
-    def result(self) -> list[Any]:
-        if self._error is not None:
-            raise self._error
-        return self._result or []
-
-
-def _run_when_wanted(runtime: ModelRuntime, batch: _Running, prepared: Prepared) -> list[Any]:
-    """On the engine thread: run the batch unless every request was cancelled or expired before it
-    started (otherwise their rows run with it, being in the pool, and they are answered with their error)."""
-    return _execute(runtime, prepared) if batch.start() else []
-
-
-def _execute(runtime: ModelRuntime, prepared: Prepared) -> list[Any]:
-    """Run a prepared batch with its outputs copied out of the pool (one copy per output, not per
-    request), so that the next batch can run before this one is answered."""
-    return runtime.execute(prepared, detach=True)
-
-
-def _finish(running: _Running, codec: protocol.FrameCodec, stats: WorkerStats) -> None:
-    """Answer every request of a finished batch (outputs, or the batch's error) and record it."""
-    try:
-        executions = running.future.result()
-    except Exception as exc:  # an engine failure fails this batch, not the worker
-        _fail(running.jobs, running.items, exc)
-        return
-    _answer(running.jobs, running.items, executions, codec, stats)
-
-
-def _fail(jobs: list[_Job], items: list[Item], exc: Exception) -> None:
-    """Answer the requests of a batch that failed with its error (those cancelled or expired before the
-    start with their own)."""
-    error = _failure(exc, len(jobs))
-    for job, item in zip(jobs, items):
-        job.channel.error(job.id, item.error or error)
-
-
-def _failure(exc: Exception, requests: int) -> ServeError:
-    """What the requests of a failed batch are answered with: a ServeError as it is, anything else
-    logged and reported as INTERNAL."""
-    if isinstance(exc, ServeError):
-        return exc
-    log.error("batch of %d requests failed", requests, exc_info=exc)
-    return InternalError(f"inference failed: {type(exc).__name__}: {exc}")
-
-
-def _answer(jobs: list[_Job], items: list[Item], executions: list[Any], codec: protocol.FrameCodec,
-            stats: WorkerStats) -> None:
-    """Answer the requests of a batch that ran (outputs, or a request's own error) and record it."""
-    t0 = time.perf_counter()
-    for job, item in zip(jobs, items):
-        if item.error is not None:
-            job.channel.error(job.id, item.error)
-        else:
-            _reply(codec, job.channel, job.request, item.outputs)
-        job.inputs = {}  # drop views of the frontend's block once answered
-    reply_s = (time.perf_counter() - t0) / max(len(executions), 1)
-    for ex in executions:
-        stats.record_exec(ex.rows, [i.queued_s for i in ex.items], ex.input_s, ex.infer_s, ex.output_s + reply_s)
-
-
-def _reply(codec: protocol.FrameCodec, channel: Channel, request: protocol.InferRequest,
-           outputs: dict[str, np.ndarray]) -> None:
-    """Copy the requested outputs into the request's block (what does not fit travels inline) and answer."""
-    buf = channel.buf
-    specs, datatypes = codec.outputs, codec.output_datatypes  # built once per model, not per reply
-    offset, end = request.out_offset, request.out_offset + request.out_nbytes
-    slots: list[protocol.OutputSlot] = []
-    inline: list[bytes] = []
-    inline_size, cursor = 0, offset
-    try:
-        for index in request.outputs:
-            name = specs[index].name
-            array = outputs[name]
-            raw = memoryview(tensors.to_raw(array, datatypes[index], name=name)).cast("B")
-            n = raw.nbytes
-            if cursor + n <= end:
-                buf[cursor:cursor + n] = raw
-                slots.append((index, array.shape, cursor, n, False))
-                cursor += n
-            else:
-                slots.append((index, array.shape, inline_size, n, True))
-                inline.append(bytes(raw))
-                inline_size += n
-    except ServeError as exc:
-        channel.error(request.id, exc)
-        return
-    channel.send_frame(codec.encode_result(request.id, slots, b"".join(inline) if inline else None))
+    answer([job], [item], executions, codec, runtime.stats)
