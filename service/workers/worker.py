@@ -3,12 +3,12 @@
 One thread (`_serve`) receives frames from every frontend connection, queues requests in the dynamic
 batcher, hands due batches to the engine thread (short ones it runs itself; a batch's life from there
 to its answers is `service/workers/batches.py`) and answers, heartbeats included, so a stuck batch shows
-as missing heartbeats. A short request of a model without dynamic
-batching that finds the worker idle is run and answered as it arrives (`_runs_now`), where it can through
-the runtime's direct lane (`service/workers/direct.py`: straight into the pool and a bound engine). The
-parent's pipe is the primary connection (control, heartbeats, stats); extra frontend processes connect
-through the listening socket the parent gave, each naming its own shared-memory arena first. When the
-parent dies its pipe closes and the worker exits: no orphans.
+as missing heartbeats. A short request of a model without dynamic batching that finds the worker idle is
+run and answered as it arrives (`_runs_now`), where it can through the runtime's direct lane
+(`service/workers/direct.py`: straight into the pool and a bound engine). The parent's pipe is the
+primary connection (control, heartbeats, stats); extra frontend processes connect through the listening
+socket the parent gave, each naming its own shared-memory arena first. When the parent dies its pipe
+closes and the worker exits: no orphans.
 """
 
 from __future__ import annotations
