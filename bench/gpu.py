@@ -169,6 +169,29 @@ def engine_alone(repo: Path, model: str, batch: int, seconds: float) -> float:
     return rate
 
 
+def convnet_load(server, model: str, inputs: dict[str, np.ndarray], seconds: float, client_processes: int,
+                 profile: contextlib.AbstractContextManager | None = None) -> dict:
+    """(a)'s load (batch-8 requests from 64 clients) against `model` of a running `server`, and what its
+    worker reported meanwhile: executions, mean executed batch, ms per execution in each phase, the
+    requests' mean ms inside the server and queued in the worker, and the server's CPU share. `profile`
+    (bench.gpu's py-spy) runs around the load."""
+    port, label = server.metrics_port, f'model="{model}"'
+
+    def totals() -> tuple[float, float, dict[str, float], dict[str, float]]:
+        return (_metric(port, "trtserve_batch_size_sum", label), _metric(port, "trtserve_batch_size_count", label),
+                _phases(port, model), _waits(port, model))
+    before = totals()
+    with CpuShare(server) as cpu, profile or contextlib.nullcontext():
+        load = run_load_processes(server.url, model, inputs, 64, seconds, {"x": "FP32"}, processes=client_processes)
+    after = totals()
+    rows, execs = after[0] - before[0], after[1] - before[1]
+    waits = {k: v - before[3][k] for k, v in after[3].items()}
+    return {"load": load, "executions": execs, "mean_batch": rows / max(execs, 1),
+            "phases_ms": {k: (v - before[2][k]) * 1e3 / max(execs, 1) for k, v in after[2].items()},
+            "server_ms": waits["server_s"] * 1e3 / max(waits["requests"], 1),
+            "queue_ms": waits["queue_s"] * 1e3 / max(waits["queued"], 1), "cpu": cpu}
+
+
 def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: Path, code: Path = ROOT,
           client_processes: int = 8) -> dict:
     """(a) and (b) against one server with `frontends` frontend processes, running the `service`
@@ -179,27 +202,17 @@ def serve(repo: Path, frontends: int, seconds: float, py_spy: Path | None, out: 
     with start(repo, args, timeout_s=300, cwd=code) as server:
         # (a) convnet, batch-8 requests from 64 clients, dynamic batching.
         x8 = {"x": rng.standard_normal((8, 16, 32, 32), dtype=np.float32)}
-        before = (_metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"'),
-                  _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"'))
-        phases_before, waits_before = _phases(server.metrics_port, "convnet"), _waits(server.metrics_port, "convnet")
-        with CpuShare(server) as convnet_cpu, profiled(py_spy, server, "convnet", seconds, out, f"{frontends}fe"):
-            convnet = run_load_processes(server.url, "convnet", x8, 64, seconds, {"x": "FP32"},
-                                         processes=client_processes)
-        rows = _metric(server.metrics_port, "trtserve_batch_size_sum", 'model="convnet"') - before[0]
-        execs = _metric(server.metrics_port, "trtserve_batch_size_count", 'model="convnet"') - before[1]
-        phases = {k: v - phases_before[k] for k, v in _phases(server.metrics_port, "convnet").items()}
-        waits = {k: v - waits_before[k] for k, v in _waits(server.metrics_port, "convnet").items()}
+        a = convnet_load(server, "convnet", x8, seconds, client_processes,
+                         profiled(py_spy, server, "convnet", seconds, out, f"{frontends}fe"))
         # (b) tiny, batch-1 requests from 64 clients: the frontend's ceiling.
         x1 = {"x": rng.standard_normal((1, 16), dtype=np.float32)}
         with CpuShare(server) as tiny_cpu, profiled(py_spy, server, "tiny", seconds, out, f"{frontends}fe"):
             tiny = run_load_processes(server.url, "tiny", x1, 64, seconds, {"x": "FP32"},
                                       processes=client_processes)
     label = str(frontends) if code == ROOT else f"{frontends} ({code.name})"
-    return {"frontends": label, "convnet": convnet, "mean_batch": rows / max(execs, 1),
-            "phases_ms": {k: v * 1e3 / max(execs, 1) for k, v in phases.items()},
-            "server_ms": waits["server_s"] * 1e3 / max(waits["requests"], 1),
-            "queue_ms": waits["queue_s"] * 1e3 / max(waits["queued"], 1),
-            "convnet_cpu": convnet_cpu, "tiny": tiny, "tiny_cpu": tiny_cpu}
+    return {"frontends": label, "convnet": a["load"], "mean_batch": a["mean_batch"], "phases_ms": a["phases_ms"],
+            "server_ms": a["server_ms"], "queue_ms": a["queue_ms"], "convnet_cpu": a["cpu"], "tiny": tiny,
+            "tiny_cpu": tiny_cpu}
 
 
 def floor(processes: int, seconds: float, client_processes: int) -> dict:

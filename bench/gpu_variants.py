@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.gpu import CpuShare, _metric, _phases, _repo, _waits, engine_alone
-from bench.load import run_load_processes
+from bench.gpu import _repo, convnet_load, engine_alone
 from tests.server import ROOT, start
 
 
@@ -40,28 +39,16 @@ def _add_windows(repo: Path, delays: list[int]) -> None:
 def served(repo: Path, model: str, frontends: int, seconds: float, client_processes: int) -> dict:
     """(a)'s load against one server: batch-8 requests from 64 clients; what the worker reported."""
     x8 = {"x": np.random.default_rng(0).standard_normal((8, 16, 32, 32), dtype=np.float32)}
-    label = f'model="{model}"'
     args = ["--model-control-mode", "explicit", "--load-model", model, "--frontend-processes", str(frontends)]
     with start(repo, args, timeout_s=300) as server:
-        port = server.metrics_port
-
-        def counts() -> tuple[float, float, dict, dict]:
-            return (_metric(port, "trtserve_batch_size_sum", label), _metric(port, "trtserve_batch_size_count", label),
-                    _phases(port, model), _waits(port, model))
-        before = counts()
-        with CpuShare(server) as cpu:
-            load = run_load_processes(server.url, model, x8, 64, seconds, {"x": "FP32"}, processes=client_processes)
-        after = counts()
-    rows, execs = after[0] - before[0], after[1] - before[1]
-    if not execs:
+        a = convnet_load(server, model, x8, seconds, client_processes)
+    load = a["load"]
+    if not a["executions"]:
         raise RuntimeError(f"{model}: no batch ran ({load.errors} requests failed)")
-    run_ms = (after[2]["infer"] - before[2]["infer"]) * 1e3 / execs
-    waits = {k: after[3][k] - before[3][k] for k in after[3]}
-    batch = rows / execs
-    return {"rate": load.rps * 8, "batch": batch, "busy": load.rps * 8 / batch * run_ms / 1e3,
+    return {"rate": load.rps * 8, "batch": a["mean_batch"],
+            "busy": load.rps * 8 / a["mean_batch"] * a["phases_ms"]["infer"] / 1e3,
             "p50": load.percentile_ms(50), "client_ms": float(np.mean(load.latencies_s)) * 1e3,
-            "server_ms": waits["server_s"] * 1e3 / max(waits["requests"], 1),
-            "queue_ms": waits["queue_s"] * 1e3 / max(waits["queued"], 1), "cpu": str(cpu)}
+            "server_ms": a["server_ms"], "queue_ms": a["queue_ms"], "cpu": str(a["cpu"])}
 
 
 def main() -> None:
