@@ -8,6 +8,7 @@
 #   COMPARE=DIR: bench.gpu also runs another checkout's `service` side by side (--compare-with)
 #   CLIENT_PROCESSES=N: load-generator processes of bench.gpu (default 16: on the 16-core H200 VMs 8 left (a)
 #   short of clients, bench/results/gpu/runs/26)
+#   ROUNDS=N: bench.gpu's alternating rounds (default 2; its verdict takes the median)
 #
 # Needs onnxruntime-gpu (CUDAExecutionProvider), cuda-python and the packages of `pip install -e .`
 # importable by python3 (on the device they are staged: see bench/results/gpu/REPORT-gpu.md for how).
@@ -28,8 +29,8 @@ step sweep && { timeout 240 $py -m bench.engine_sweep --gpu --out "$out" > "$out
                 echo "engine sweep: exit $?"; }
 step shapes && { timeout 60 $py -m bench.cuda_shapes --out "$out/cuda_shapes.md" > "$out/cuda_shapes.log" 2>&1
                  echo "bench.cuda_shapes: exit $?"; }
-step gpu && { timeout 300 $py -m bench.gpu --seconds 8 --frontend-processes "${FRONTENDS:-1,4,8}" --out "$out" \
-    --client-processes "${CLIENT_PROCESSES:-16}" \
+step gpu && { timeout 900 $py -m bench.gpu --seconds 8 --frontend-processes "${FRONTENDS:-1,4,8}" --out "$out" \
+    --client-processes "${CLIENT_PROCESSES:-16}" --rounds "${ROUNDS:-2}" \
     ${PY_SPY:+--py-spy "$PY_SPY"} ${COMPARE:+--compare-with "$COMPARE"} > "$out/gpu.log" 2>&1
     echo "bench.gpu: exit $?"; }
 # issue 5's benchmark with 4 frontend processes, 1 and 4 ONNX Runtime threads (BATCHING_CLIENTS: 1,8,32 for all)

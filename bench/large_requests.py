@@ -10,8 +10,10 @@ bench.gpu), so that what is measured is the serving path of a large request on t
 
 Four servers, measured alternately with the same load (closed-loop `tritonclient.grpc` clients):
 trtserve with its default heap setting and with `--heap-keep-bytes 0` (glibc's defaults), and the
-floor (`bench.floor_server`, a constant answer, no parsing) with the same two settings. Besides
-requests/s and CPU per request, the table gives the minor page faults per request of the process that
+floor (`bench.floor_server`, a constant answer, no parsing) with the same two settings; and a fifth case,
+trtserve with its default again under clients whose processes keep glibc's defaults (bench.load keeps
+freed heap in the load generator too, which shares the machine). Besides requests/s and CPU per request
+of the server and of the clients, the table gives the minor page faults per request of the process that
 receives the requests (the pages glibc handed back to the kernel and took fresh again) and its resident
 memory after the rounds (what keeping freed heap costs).
 
@@ -24,6 +26,7 @@ import argparse
 import contextlib
 import sys
 import tempfile
+from dataclasses import replace
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from tests.server import ROOT, start
 RESULTS = ROOT / "bench" / "results"
 MODEL = "sum16"
 REQUEST = Request(MODEL, (8, 16, 32, 32))
+CLIENTS_HEAP_0 = "trtserve, clients heap 0"
 CONFIG = f"""name: "{MODEL}"
 backend: "onnxruntime"
 max_batch_size: 64
@@ -80,9 +84,16 @@ def servers(repo: Path) -> Iterator[list[tuple[str, str, list[int]]]]:
 def run(clients: int, seconds: float, rounds: int) -> tuple[list[Measurement], dict[str, float]]:
     """The servers' combined measurements, and each receiving process's resident memory (MiB) at the end."""
     with tempfile.TemporaryDirectory(prefix="trtserve-large-") as tmp, servers(write_repository(Path(tmp))) as all_:
-        results = alternate(all_, rounds, clients, seconds, False, min(clients, 4), REQUEST)
-        rss = {name: psutil.Process(pids[0]).memory_info().rss / 2**20 for name, _, pids in all_}
+        cases = [*all_, (CLIENTS_HEAP_0, *next(entry[1:] for entry in all_ if entry[0] == "trtserve"))]
+        results = alternate(cases, rounds, clients, seconds, False, min(clients, 4), REQUEST,
+                            {CLIENTS_HEAP_0: replace(REQUEST, heap_keep_bytes=0)})
+        rss = {name: psutil.Process(pids[0]).memory_info().rss / 2**20 for name, _, pids in cases}
     return results, rss
+
+
+def client_us(m: Measurement) -> float:
+    """The load generator's CPU per request, µs."""
+    return m.client_cpu_pct / 100 / m.rps * 1e6 if m.rps else float("nan")
 
 
 def markdown(results: list[Measurement], rss: dict[str, float], command: str, clients: int, seconds: float,
@@ -100,20 +111,25 @@ def markdown(results: list[Measurement], rss: dict[str, float], command: str, cl
         "defaults, under which freed buffers above 128 KiB go back to the kernel. `frontend` = the process that "
         "receives the requests (trtserve's parent process; the floor's only one), `rest` = trtserve's model "
         "worker. `faults/req` = minor page faults of that process per request; `RSS` = its resident memory "
-        "after the last round, what keeping freed heap costs.",
+        "after the last round, what keeping freed heap costs. `clients heap 0`: the load generator's processes "
+        "with glibc's defaults (the other rows: they keep freed heap); `client CPU` = the load generator's CPU "
+        "per request.",
         "",
-        "| server | requests/s | p50 / p99 ms | server CPU µs/req (frontend / rest) | faults/req | RSS MiB | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| server | requests/s | p50 / p99 ms | server CPU µs/req (frontend / rest) | faults/req | RSS MiB | "
+        "client CPU µs/req | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in results:
         lines.append(f"| {m.server} | {m.rps:.0f} | {m.p50_ms:.2f} / {m.p99_ms:.2f} | {m.server_cpu_us:.0f} "
                      f"({m.main_cpu_us:.0f} / {m.server_cpu_us - m.main_cpu_us:.0f}) | {m.main_faults:.0f} | "
-                     f"{rss[m.server]:.0f} | {m.errors} |")
-    kept, plain = by["trtserve"], by["trtserve, heap 0"]
+                     f"{rss[m.server]:.0f} | {client_us(m):.0f} | {m.errors} |")
+    kept, plain, clients_plain = by["trtserve"], by["trtserve, heap 0"], by[CLIENTS_HEAP_0]
     lines += ["", f"trtserve's frontend with the default heap setting against `--heap-keep-bytes 0`: "
               f"{kept.main_cpu_us / plain.main_cpu_us - 1:+.0%} CPU per request, "
               f"{kept.rps / plain.rps - 1:+.0%} requests/s, {rss['trtserve'] - rss['trtserve, heap 0']:+.0f} MiB "
-              "resident.", ""]
+              f"resident. The load generator keeping freed heap against glibc's defaults: "
+              f"{client_us(kept) / client_us(clients_plain) - 1:+.0%} of its CPU per request, trtserve "
+              f"{kept.rps / clients_plain.rps - 1:+.0%} requests/s.", ""]
     return "\n".join(lines)
 
 

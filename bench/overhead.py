@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from bench.load import CLIENT_HEAP_KEEP_BYTES
 from tests.server import EXAMPLES, ROOT, start
 
 RESULTS = ROOT / "bench" / "results"
@@ -76,10 +77,12 @@ class Measurement:
 
 @dataclass(frozen=True)
 class Request:
-    """What every client sends: one FP32 input `x` of `shape` (random, seed 0) to `model`."""
+    """What every client sends: one FP32 input `x` of `shape` (random, seed 0) to `model`; and the freed heap
+    its process keeps (bench.load's default; 0: glibc's defaults)."""
 
     model: str = "tiny"
     shape: tuple[int, ...] = (1, 16)
+    heap_keep_bytes: int = CLIENT_HEAP_KEEP_BYTES
 
 
 def _client_proc(url: str, threads: int, seconds: float, stream: bool, barrier: object, out: object,
@@ -88,7 +91,8 @@ def _client_proc(url: str, threads: int, seconds: float, stream: bool, barrier: 
 
     x = np.random.default_rng(0).standard_normal(request.shape, dtype=np.float32)
     barrier.wait()
-    r = run_load(url, request.model, {"x": x}, threads, seconds, {"x": "FP32"}, stream=stream, warmup_s=WARMUP_S)
+    r = run_load(url, request.model, {"x": x}, threads, seconds, {"x": "FP32"}, stream=stream, warmup_s=WARMUP_S,
+                 heap_keep_bytes=request.heap_keep_bytes)
     out.put((r.latencies_s.tolist(), r.errors))
 
 
@@ -264,13 +268,15 @@ def run(clients: list[int], seconds: float, client_procs: int | None, rounds: in
 
 
 def alternate(servers: list[tuple[str, str, list[int]]], rounds: int, clients: int, seconds: float, stream: bool,
-              client_procs: int, request: Request = Request()) -> list[Measurement]:
+              client_procs: int, request: Request = Request(),
+              requests: dict[str, Request] | None = None) -> list[Measurement]:
     """Each of `servers` (name, url, pids) under the same load in turn, `rounds` times, then each one's rounds
-    combined. Alternating short rounds spreads whatever else the machine is doing over all of them alike."""
+    combined. Alternating short rounds spreads whatever else the machine is doing over all of them alike.
+    `requests` names the servers whose clients send something else than `request`."""
     done: dict[str, list[Measurement]] = {name: [] for name, _, _ in servers}
     for _ in range(rounds):
         for name, url, pids in servers:
-            m = measure(name, url, pids, clients, seconds, stream, client_procs, request)
+            m = measure(name, url, pids, clients, seconds, stream, client_procs, (requests or {}).get(name, request))
             print(f"{name:8s} {m.mode:6s} clients={clients:3d} procs={m.client_procs} rps={m.rps:8.0f} "
                   f"p50={m.p50_ms:6.2f}ms p99={m.p99_ms:6.2f}ms errors={m.errors} "
                   f"server_cpu={m.server_cpu_us:6.0f}us/req (main {m.main_cpu_us:4.0f}) "

@@ -183,6 +183,34 @@ def test_the_batching_verdict_takes_the_median_of_the_rounds():
     assert goal_verdict([point(1, 900, 1000, clients=8)]) == "goal not measured (no 32-client point)"
 
 
+def test_the_gpu_benchmarks_references_time_the_engine_and_the_batch_path_on_the_cpu_too(tmp_path):
+    """bench.gpu_alone's host references, with a CPU model of convnet's input and output (the on-device one
+    needs CUDA: it runs in bench.gpu on the GPU machine)."""
+    from bench.gpu_alone import engine_alone, runtime_alone
+    from bench.large_requests import MODEL, write_repository
+
+    repo = write_repository(tmp_path)
+    assert engine_alone(repo, MODEL, 16, seconds=0.2) > 0
+    assert runtime_alone(repo, MODEL, requests=2, rows=8, seconds=0.2) > 0
+
+
+def test_the_gpu_verdict_takes_each_settings_median_over_its_rounds_against_its_own_engine_alone():
+    from bench.gpu import verdicts
+    from bench.load import LoadResult
+
+    def run(frontends: str, requests_per_s: float, alone: float, device: float = 100000) -> dict:
+        return {"frontends": frontends, "alone": alone, "device": device,
+                "convnet": LoadResult(64, int(requests_per_s * 10), 0, 10.0, np.zeros(1))}
+
+    runs = [run("4", 5000, 50000, 80000), run("8", 4000, 40000), run("4", 4000, 40000, 50000),
+            run("8", 4000, 50000), run("4", 4600, 50000)]  # served inferences = 8 x requests
+    assert verdicts(runs) == [
+        "- 4 frontend processes: PASS, served / engine alone 80% in the median of 3 round(s) (80%, 80%, 74%); "
+        "goal >= 80%. Served / engine on device 50%",
+        "- 8 frontend processes: FAIL, served / engine alone 72% in the median of 2 round(s) (80%, 64%); "
+        "goal >= 80%. Served / engine on device 32%"]
+
+
 def test_the_overhead_benchmark_serves_n_frontend_processes_against_n_floor_processes():
     import psutil
 
@@ -202,18 +230,20 @@ def test_the_overhead_benchmark_serves_n_frontend_processes_against_n_floor_proc
                 assert 0 < m.main_cpu_us < m.server_cpu_us
 
 
-def test_the_large_request_benchmark_serves_all_four_servers_and_counts_their_page_faults(tmp_path):
-    """bench.large_requests, one short round: every server answers the 512 KiB requests, and the page faults
-    tell the heap settings apart (glibc's defaults fault most of a request's 128 pages in again)."""
+def test_the_large_request_benchmark_serves_all_five_cases_and_counts_their_page_faults(tmp_path):
+    """bench.large_requests, one short round: every server answers the 512 KiB requests (trtserve also to
+    clients with glibc's heap defaults), and the page faults tell the heap settings apart (glibc's defaults
+    fault most of a request's 128 pages in again)."""
     done = subprocess.run([sys.executable, "-m", "bench.large_requests", "--clients", "8", "--seconds", "1",
                            "--rounds", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = {row.split("|")[1].strip(): row.split("|")[2:] for row in
             (tmp_path / "large_requests.md").read_text().splitlines() if row.startswith("| ") and "server" not in row}
-    assert set(rows) == {"trtserve", "trtserve, heap 0", "floor", "floor, heap 0"}
-    assert all(float(cells[0]) > 0 and cells[5].strip() == "0" for cells in rows.values())  # requests/s, errors
+    assert set(rows) == {"trtserve", "trtserve, heap 0", "floor", "floor, heap 0", "trtserve, clients heap 0"}
+    assert all(float(cells[0]) > 0 and cells[6].strip() == "0" for cells in rows.values())  # requests/s, errors
     assert all(float(cells[4]) > 10 for cells in rows.values())  # resident MiB of a Python process
+    assert all(float(cells[5]) > 0 for cells in rows.values())  # the load generator's CPU per request
     faults = {name: float(cells[3]) for name, cells in rows.items()}
     for server in ("trtserve", "floor"):  # ~100 against ~1 on an idle machine; fewer in flight on a busy one
         assert faults[f"{server}, heap 0"] > max(10.0, 5 * faults[server]), faults
