@@ -3,6 +3,7 @@ provider, its buffer pool in device memory, and the pool's reported bytes agains
 
 from __future__ import annotations
 
+import contextlib
 import time
 import urllib.request
 
@@ -96,21 +97,35 @@ def test_cuda_pool_bytes_match_device_memory(tmp_path):
         assert _metric(server.metrics_port, device) == 32 * per_row
 
 
-def test_inputs_in_pinned_shared_memory_go_straight_to_the_device(tmp_path):
-    """Rows in a pinned arena (the worker pins the frontends' arenas) skip the pool's host staging."""
+@contextlib.contextmanager
+def _runtime_with_arena(tmp_path, rows: int):
+    """`big`'s ModelRuntime as a worker holds it, a shared-memory arena of `rows` rows (not yet pinned) as
+    an array, and the model's constant."""
     _needs_cuda()
     from multiprocessing import shared_memory
 
     from service.metrics import WorkerStats
     from service.repository import ModelRepository
-    from service.workers.runtime import Item, ModelRuntime
+    from service.workers.runtime import ModelRuntime
     from service.workers.worker import WorkerOptions
 
     repo, c = _repo(tmp_path)
     runtime = ModelRuntime(ModelRepository(repo).load_spec("big"), WorkerOptions(), WorkerStats())
-    shm = shared_memory.SharedMemory(create=True, size=4 * ROW * 4)
-    xs = np.ndarray((4, ROW), np.float32, buffer=shm.buf)
+    shm = shared_memory.SharedMemory(create=True, size=rows * ROW * 4)
     try:
+        yield runtime, np.ndarray((rows, ROW), np.float32, buffer=shm.buf), c
+    finally:
+        runtime.close()
+        shm.unlink()
+        with contextlib.suppress(BufferError):  # a failed test's frame still holds the array; its mapping goes with it
+            shm.close()
+
+
+def test_inputs_in_pinned_shared_memory_go_straight_to_the_device(tmp_path):
+    """Rows in a pinned arena (the worker pins the frontends' arenas) skip the pool's host staging."""
+    from service.workers.runtime import Item
+
+    with _runtime_with_arena(tmp_path, 4) as (runtime, xs, c):
         xs[:] = np.random.default_rng(4).standard_normal((4, ROW), dtype=np.float32)
         staging = [runtime.pool.views(4, side).inputs["x"] for side in (0, 1)]  # batches alternate sides
 
@@ -119,21 +134,17 @@ def test_inputs_in_pinned_shared_memory_go_straight_to_the_device(tmp_path):
             runtime.run(items)
             return np.concatenate([items[0].outputs["y"], items[1].outputs["y"]])
 
-        runtime.register_shared(shm.buf)
+        runtime.register_shared(xs.data)
         for side in staging:
             side[:] = np.nan
         for _ in staging:  # one batch on each side
             np.testing.assert_allclose(run(xs), xs + c, rtol=1e-6)
         assert all(np.isnan(side).all() for side in staging)  # never written: rows went straight to the device
-        runtime.unregister_shared(shm.buf)
+        runtime.unregister_shared(xs.data)
         for side in staging:
             np.testing.assert_allclose(run(xs), xs + c, rtol=1e-6)
             np.testing.assert_array_equal(side, xs)  # unpinned: staged through the pool, as before
-    finally:
         del xs, staging
-        runtime.close()
-        shm.close()
-        shm.unlink()
 
 
 def test_a_batch_prepared_while_another_waits_to_run_leaves_its_inputs_alone(tmp_path):
@@ -166,3 +177,56 @@ def test_a_batch_prepared_while_another_waits_to_run_leaves_its_inputs_alone(tmp
         np.testing.assert_allclose(third.items[0].outputs["y"], xs[2] + c, rtol=1e-6)
     finally:
         runtime.close()
+
+
+def test_rows_copied_on_the_copy_stream_are_there_before_the_run_reads_them(tmp_path):
+    """Rows from a pinned arena go to the device on the allocator's copy stream, beside the stream the
+    engine runs on; the run waits for them through an event. 32 MiB of rows take a millisecond or more to
+    copy, far longer than queueing the run takes, so a run that did not wait would read the rows the set
+    held before (the previous batch's), not these."""
+    from service.workers.runtime import Item
+
+    with _runtime_with_arena(tmp_path, 32) as (runtime, xs, c):
+        assert runtime._allocator.copy_stream not in (None, runtime._allocator.stream)
+        runtime.register_shared(xs.data)
+        rng = np.random.default_rng(8)
+        for _ in range(6):  # three batches on each input set, each set holding the batch before's rows
+            xs[:] = rng.standard_normal((32, ROW), dtype=np.float32)
+            items = [Item(32, {"x": xs})]
+            runtime.run(items)
+            np.testing.assert_allclose(items[0].outputs["y"], xs + c, rtol=1e-6)
+        runtime.unregister_shared(xs.data)
+        del xs, items
+
+
+def test_a_bytes_models_rows_from_a_pinned_arena_reach_its_host_bound_engine(tmp_path):
+    """On a GPU a model with BYTES tensors runs on host views of the pool (ONNX Runtime takes strings from
+    host arrays only), so its fixed-size rows must land in those views, not go straight to the device."""
+    _needs_cuda()
+    from dataclasses import replace
+    from multiprocessing import shared_memory
+
+    from service.metrics import WorkerStats
+    from service.workers.runtime import Item, ModelRuntime
+    from service.workers.worker import WorkerOptions
+    from tests.test_onnxruntime_plans import strings_model
+
+    spec = replace(strings_model(tmp_path / "strings" / "1" / "model.onnx"), use_gpu=True)
+    runtime = ModelRuntime(spec, WorkerOptions(), WorkerStats())
+    shm = shared_memory.SharedMemory(create=True, size=1 << 16)
+    try:
+        x = np.ndarray((3, 2), np.float32, buffer=shm.buf)
+        x[:] = np.arange(6, dtype=np.float32).reshape(3, 2)
+        runtime.register_shared(shm.buf)
+        texts = np.array([[b"a"], [b"bc"], [b"def"]], dtype=object)
+        items = [Item(1, {"text": texts[:1], "x": x[:1]}), Item(2, {"text": texts[1:], "x": x[1:]})]
+        runtime.run(items)
+        np.testing.assert_array_equal(np.concatenate([i.outputs["y"] for i in items]), x + 1)
+        assert [str(e) for i in items for e in i.outputs["echo"].ravel()] == ["a", "bc", "def"]
+        runtime.unregister_shared(shm.buf)
+        del x, items
+    finally:
+        runtime.close()
+        shm.unlink()
+        with contextlib.suppress(BufferError):  # a failed test's frame still holds the array
+            shm.close()

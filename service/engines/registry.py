@@ -194,6 +194,13 @@ class EngineRegistry:
         with self._cond:
             return sorted(self._live)
 
+    def binds_device_buffers(self) -> bool:
+        """Whether the live engines bind the pool's device buffers rather than its host views (one
+        builder makes all of a model's engines alike; ONNX Runtime's take host views for BYTES models, or
+        when CUDA did not start)."""
+        with self._cond:
+            return any(uses_device_buffers(slot.engine) for slot in self._live.values())
+
     def wait_for_builds(self, timeout: float | None = None) -> bool:
         """Wait until no build is queued or running (events sent, engines switched); False on timeout."""
         with self._cond:

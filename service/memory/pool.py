@@ -88,7 +88,8 @@ class BufferSet:
     numpy views (host memory, or the pinned staging of a GPU pool); `device_inputs`/`device_outputs`
     are the device buffers (empty for a host pool). `upload()`/`download()` copy the rows between
     them on the allocator's stream; `download()` returns once the results are on the host. Inputs named
-    in `uploaded` were put on the device by the caller (straight from pinned memory): `upload()` skips them."""
+    in `uploaded` were put on the device by the caller (straight from pinned memory, on the allocator's copy
+    stream): `upload()` skips them, and makes the stream wait for `ready`, the event they complete at."""
 
     rows: int
     inputs: dict[str, np.ndarray]
@@ -99,6 +100,7 @@ class BufferSet:
     _in: list[tuple[str, Buffer, int]] = field(default_factory=list)
     _out: list[tuple[str, Buffer, int]] = field(default_factory=list)
     uploaded: set[str] = field(default_factory=set)
+    ready: Any = None
 
     def slice(self, start: int, stop: int) -> BufferSet:
         """Rows start..stop of every view (inputs added by the caller too); chunks do no copies."""
@@ -108,7 +110,10 @@ class BufferSet:
                          cut(self.device_inputs), cut(self.device_outputs))
 
     def upload(self) -> None:
-        """Queue the copy of the pooled input rows to the device (no-op for a host pool)."""
+        """Queue the copy of the pooled input rows to the device (no-op for a host pool); the run queued
+        after it also waits for the rows the caller uploaded."""
+        if self.ready is not None:
+            self._allocator.wait(self.ready)
         self._copy([c for c in self._in if c[0] not in self.uploaded], "upload")
 
     def download(self) -> None:

@@ -6,7 +6,8 @@ read back out of the pool's output buffers. Models without a batch dimension byp
 
 A GPU pool holds two sets of input buffers, so the worker can prepare the next batch (queue its uploads)
 while the engine runs the current one on the other set (`can_overlap`); the device then goes from one
-batch to the next without waiting for the Python that gathers a batch.
+batch to the next without waiting for the Python that gathers a batch, and rows from the frontends'
+pinned arenas are copied on their own stream while the current batch computes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from service.workers.worker import WorkerOptions
 
 log = logging.getLogger("trtserve.worker")
+CLOSE_BUILDS_WAIT_S = 60.0  # longest `close` waits for engine builds still running
 
 
 @dataclass
@@ -98,12 +100,14 @@ class ModelRuntime:
                                allocator=self._allocator, model=spec.name,
                                input_sets=2 if spec.use_gpu else 1)
         self._side = 0  # the input set the next batch is prepared in
+        self._device_engines = False  # whether rows may go straight to the device: set once an engine lives
         cache = PlanCache(options.engine_cache_dir, self._on_event) if options.engine_cache_dir else None
         self.registry = EngineRegistry(self._builder, policy, spec.max_batch_size, cache, self._on_event,
                                        prime=self._prime)
         self.registry.warm_up()
         if not self.registry.live_capacities():
             self._first_engine()
+        self._device_engines = self.registry.binds_device_buffers()
         self._grows = 0
         self.refresh_gauges()
         self.direct = DirectLane.for_runtime(self)
@@ -237,6 +241,8 @@ class ModelRuntime:
                     view[start:start + item.rows] = item.inputs[t.name]
             else:
                 bufs.inputs[t.name] = np.concatenate([i.inputs[t.name] for i in items])
+        if bufs.uploaded:
+            bufs.ready = self._allocator.uploads_queued(side)
         return Prepared(items, bufs, side, time.perf_counter() - t0)
 
     def _run_batch(self, prepared: Prepared, detach: bool = False) -> Execution:
@@ -281,10 +287,11 @@ class ModelRuntime:
 
     def _upload_direct(self, name: str, bufs: BufferSet, items: list[Item], starts: list[int]) -> bool:
         """Queue each request's rows of input `name` from pinned shared memory straight into the device
-        buffer (the engine runs on the same stream, after the copies). False, changing nothing, unless
-        the pool is on a GPU and every request's array is contiguous, of the pool's dtype, and pinned."""
+        buffer, on the allocator's copy stream (the run waits for them: `_gather` records the event). False,
+        changing nothing, unless the pool is on a GPU, its engines read the device buffers (not the host
+        views: BYTES models), and every request's array is contiguous, of the pool's dtype, and pinned."""
         device = bufs.device_inputs.get(name)
-        if device is None or not getattr(self._allocator, "is_registered", None):
+        if device is None or not self._device_engines or not getattr(self._allocator, "is_registered", None):
             return False
         arrays = [item.inputs[name] for item in items]
         if not all(a.dtype == device.dtype and a.flags.c_contiguous
@@ -313,6 +320,16 @@ class ModelRuntime:
                 for t in self.spec.outputs}
 
     def close(self) -> None:
-        for part in (self.registry, self._engine, self.pool, self._allocator):
+        """Close the engines, the pool and the allocator. A build still running creates its session on the
+        allocator's stream, so the allocator waits for it (at most CLOSE_BUILDS_WAIT_S, then it is left
+        open: the process is ending) instead of destroying the stream under it (a crash in ONNX Runtime)."""
+        building = False
+        if self.registry is not None:
+            self.registry.close()
+            building = not self.registry.wait_for_builds(CLOSE_BUILDS_WAIT_S)
+            if building:
+                log.warning("model %s: an engine build still runs after %.0f s; its CUDA stream is left open",
+                            self.spec.name, CLOSE_BUILDS_WAIT_S)
+        for part in (self._engine, self.pool, None if building else self._allocator):
             if part is not None:
                 part.close()
