@@ -4,8 +4,8 @@ processes), for a fixed time.
 
 The load generator shares the machine with the server it measures, so it keeps freed heap for its next
 requests as trtserve's frontends do (`service/memory/heap.py`): with glibc's defaults every large request
-is serialized into freshly mapped pages, and the load generator spent 1.56 ms of CPU per 512 KiB request
-instead of 0.94 ms (bench/results/large_requests.md, 2 cores), CPU the server's processes then lacked:
+is serialized into freshly mapped pages, and the load generator spent 1.5-1.8 ms of CPU per 512 KiB request
+instead of 0.9-1.0 ms (bench/results/large_requests.md, 2 cores), CPU the server's processes then lacked:
 on the 16-core GPU machine (a) of bench.gpu was 75-80% of the engine alone instead of 93-101%
 (bench/results/gpu/runs/44).
 
