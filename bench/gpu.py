@@ -293,22 +293,24 @@ def main() -> None:
               "queued in the worker (trtserve_queue_duration_seconds) and its batch's compute (gather + run + "
               "answer); the rest of the server's part (frontend, worker link, the worker's receive path); and "
               "outside the server (client, gRPC, kernel).", "",
-              "| frontend processes | client | server | worker queue | batch compute | rest of server | outside |",
-              "|---|---|---|---|---|---|---|"]
+              "| round | frontend processes | client | server | worker queue | batch compute | rest of server | "
+              "outside |",
+              "|---" * 8 + "|"]
     for run in runs:
         client_ms = float(np.mean(run["convnet"].latencies_s)) * 1e3
         compute_ms = sum(run["phases_ms"].values())
-        lines.append(f"| {run['frontends']} | {client_ms:.2f} | {run['server_ms']:.2f} | {run['queue_ms']:.2f} | "
+        lines.append(f"| {run['round']} | {run['frontends']} | {client_ms:.2f} | {run['server_ms']:.2f} | "
+                     f"{run['queue_ms']:.2f} | "
                      f"{compute_ms:.2f} | {run['server_ms'] - run['queue_ms'] - compute_ms:.2f} | "
                      f"{client_ms - run['server_ms']:.2f} |")
     lines += ["", "The worker's batch path alone (`ModelRuntime.run` in one process: batch-8 requests gathered into "
               f"the pool, run, split back; no IPC, no gRPC), {requests} requests of 8 rows a batch: {batch_path:.0f} "
               f"inferences/s, {batch_path / alone:.0%} of the engine alone's median above",
               "", "## (b) tiny: batch-1 requests, 64 clients (frontend ceiling)", "",
-              "| frontend processes | requests/s | p50 ms | p99 ms | errors | CPU |", "|---|---|---|---|---|---|"]
+              "| round | frontend processes | requests/s | p50 ms | p99 ms | errors | CPU |", "|---" * 7 + "|"]
     for run in runs:
         tiny = run["tiny"]
-        lines.append(f"| {run['frontends']} | {tiny.rps:.0f} | {tiny.percentile_ms(50):.2f} | "
+        lines.append(f"| {run['round']} | {run['frontends']} | {tiny.rps:.0f} | {tiny.percentile_ms(50):.2f} | "
                      f"{tiny.percentile_ms(99):.2f} | {tiny.errors} | {run['tiny_cpu']} |")
     lines.append("")
     lines += sweep(repo, args.seconds)
