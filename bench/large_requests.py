@@ -26,8 +26,8 @@ import argparse
 import contextlib
 import sys
 import tempfile
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

@@ -102,9 +102,9 @@ class CudaAllocator:
     and a second one for the rows copied straight from pinned host memory (`copy_stream`, `upload_from`):
     those copies, made while the engine still runs the batch before, overlap its run on the GPU instead
     of queueing behind it (a batch-64 `convnet` upload: 4 MiB, ~0.08 ms of a 1.2 ms run on the H200;
-    served +2%, bench/results/gpu/runs/47). A run waits
-    for its rows through an event (`uploads_queued`, `wait`). The caller makes sure no run still reads
-    the buffers it copies into: the worker prepares a set only after the batch that last used it ended."""
+    served +2%, bench/results/gpu/runs/47). A run waits for its rows through an event (`uploads_queued`,
+    `wait`). The caller makes sure no run still reads the buffers it copies into: the worker prepares a
+    set only after the batch that last used it ended."""
 
     memories = ("device", "pinned")
 
