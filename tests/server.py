@@ -101,6 +101,14 @@ class ServerProcess:
             self.stop()
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs: it exists and is not a zombie. One that is reaped while we look is not."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def shm_segments(pid: int) -> list[str]:
     """trtserve shared-memory segments created by the server process `pid`."""
     return sorted(p.name for p in Path("/dev/shm").glob(f"trtserve-{pid}-*"))
@@ -122,6 +130,15 @@ def metric_value(server: ServerProcess, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
+
+
+def wait_for_metric(server: ServerProcess, name: str, value: float, timeout_s: float = 10.0, **labels: str) -> None:
+    """Scrape until one sample reads `value`: frontend processes and workers report to the parent every
+    0.1 s, so a count can lag the requests that made it."""
+    deadline = time.monotonic() + timeout_s
+    while (seen := metric_value(server, name, **labels)) != value:
+        assert time.monotonic() < deadline, f"{name}{labels} is {seen}, not {value}, after {timeout_s} s"
+        time.sleep(0.05)
 
 
 def separate_client(url: str) -> grpcclient.InferenceServerClient:

@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from tests.server import ServerProcess, start
+from tests.server import ServerProcess, start, wait_for_metric
 
 C = (np.arange(16, dtype=np.float32) * np.float32(0.5) - np.float32(3.0)).astype(np.float32)
 CLIENTS = 32
@@ -255,7 +255,7 @@ def test_request_over_the_pool_cap_fails_alone_and_its_batch_mate_succeeds(serve
 # -- queue bound and deadlines -----------------------------------------------------------------------
 
 def _busy(server: ServerProcess, model: str) -> tuple[threading.Thread, list[Any]]:
-    """Keep `model`'s worker busy with a 32-row convnet batch; returns once it is (very likely) running.
+    """Keep `model`'s worker busy with a 32-row convnet batch; returns once the worker has it.
 
     Whether or not it already left the queue, it is ahead of everything the test sends next, and a
     32-row batch (the model's max is 64) is never merged with requests that come later.
@@ -263,7 +263,7 @@ def _busy(server: ServerProcess, model: str) -> tuple[threading.Thread, list[Any
     client = grpcclient.InferenceServerClient(server.url)
     x = np.random.default_rng(0).standard_normal((32, 16, 32, 32), dtype=np.float32)
     thread, box = in_background(lambda: infer(client, model, x))
-    time.sleep(0.2)
+    wait_for_metric(server, "trtserve_pending_requests", 1, model=model, version="1")  # sent to the worker
     assert thread.is_alive(), "the blocking batch finished before the test could use it"
     return thread, box
 

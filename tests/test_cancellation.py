@@ -8,7 +8,7 @@ import time
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from tests.server import copy_model, start
+from tests.server import copy_model, start, wait_for_metric
 
 
 def test_cancelled_request_is_dropped_from_the_queue(tmp_path, example_repo):
@@ -25,9 +25,10 @@ def test_cancelled_request_is_dropped_from_the_queue(tmp_path, example_repo):
 
         answers: queue.Queue = queue.Queue()
         client.async_infer("slow", [busy_in], lambda result, error: answers.put(("busy", result, error)))
-        time.sleep(0.2)  # the busy batch is running in the worker now
+        wait_for_metric(server, "trtserve_pending_requests", 1, model="slow", version="1")  # the worker has it
         call = client.async_infer("slow", [one], lambda result, error: answers.put(("cancelled", result, error)))
-        time.sleep(0.2)  # ...and this one waits behind it in the worker's queue
+        wait_for_metric(server, "trtserve_pending_requests", 2, model="slow", version="1")
+        time.sleep(0.05)  # ...and this one waits behind it in the worker's queue
         call.cancel()
         got = {}
         for _ in range(2):

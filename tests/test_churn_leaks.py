@@ -10,6 +10,7 @@ its open file descriptors and its /dev/shm segments must be back to the counts t
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import random
 import signal
@@ -66,7 +67,11 @@ def _snapshot(server: ServerProcess) -> dict[str, int]:
         except FileNotFoundError:
             pass  # closed while we looked
     fds = proc.num_fds()
-    return {"children": len(children), "zombies": sum(c.status() == psutil.STATUS_ZOMBIE for c in children),
+    zombies = 0
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):  # reaped while we looked: the next snapshot differs
+            zombies += child.status() == psutil.STATUS_ZOMBIE
+    return {"children": len(children), "zombies": zombies,
             "other_fds": fds - pipes, "pipe_fds": pipes, "shm": len(shm_segments(server.proc.pid))}
 
 

@@ -19,7 +19,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.server import ServerProcess, metric_value, separate_client
+from tests.server import ServerProcess, metric_value, separate_client, wait_for_metric
 
 pytestmark = pytest.mark.timeout(240)
 FRONTENDS = 3
@@ -203,9 +203,12 @@ def test_a_killed_frontend_process_is_replaced_and_its_memory_removed(example_re
                            "--frontend-processes", "2")
     try:
         old = server.frontend_pids()[1]
-        clients = [separate_client(server.url) for _ in range(8)]
-        for i, client in enumerate(clients):
-            _tiny(client, i)  # every connection used once: the killed process held some arenas
+        clients: list = []
+        while old not in _processes_holding_connections(server):  # the kernel spreads connections at random
+            assert len(clients) < 64, "no connection reached frontend process 1"
+            clients += [separate_client(server.url) for _ in range(8)]
+            for i, client in enumerate(clients):
+                _tiny(client, i)  # every connection used once: the killed process holds some arenas
         assert list(Path("/dev/shm").glob(f"trtserve-{old}-*")), "the frontend process mapped no arena"
         os.kill(old, signal.SIGKILL)
         server.wait_for(re.compile(rf"frontend process 1 serving \(pid (?!{old}\b)\d+\)"), 30)
@@ -220,7 +223,7 @@ def test_a_killed_frontend_process_is_replaced_and_its_memory_removed(example_re
         assert new in _processes_holding_clients(server, fresh) or len(_processes_holding_clients(server, fresh)) == 1
         for client in fresh:
             client.close()
-        assert metric_value(server, "trtserve_pending_requests", model="tiny", version="1") == 0
+        wait_for_metric(server, "trtserve_pending_requests", 0, model="tiny", version="1")
     finally:
         assert server.stop() == 0
     assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(f"trtserve-{new}-")]

@@ -7,13 +7,12 @@ import time
 
 import grpc
 import numpy as np
-import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.server import separate_client, shm_segments, start
+from tests.server import alive, metric_value, separate_client, shm_segments, start
 
 IN_FLIGHT = 20
 
@@ -40,7 +39,11 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(example_repo, 
 
     for i in range(IN_FLIGHT):
         clients[i % len(clients)].async_infer("convnet", [inp], callback, client_timeout=120)
-    time.sleep(0.5)  # let every request reach the server
+    time.sleep(0.5)  # let every request reach the server (a busy machine can take longer: checked below)
+    deadline = time.monotonic() + 30
+    while metric_value(server, "trtserve_pending_requests", model="convnet", version="1") + len(results) < IN_FLIGHT:
+        assert time.monotonic() < deadline, "the requests did not all reach the server"
+        time.sleep(0.05)
     with done:
         finished_before = len(results)
     assert finished_before < IN_FLIGHT, "requests finished too fast to test draining; use a heavier batch"
@@ -70,7 +73,7 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(example_repo, 
     assert not errors, errors[:3]
     for y in results:
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in children)
+    assert not any(alive(p) for p in children)
     for pid in (server.proc.pid, *extra):
         assert shm_segments(pid) == []
 

@@ -5,6 +5,7 @@ an active exception"; on the GPU ONNX Runtime crashed creating a session on the 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +36,17 @@ def _repo(root: Path) -> Path:
     return root
 
 
-def test_close_waits_for_the_engine_build_a_larger_batch_started(tmp_path):
+def test_close_waits_for_the_engine_build_a_larger_batch_started(tmp_path, monkeypatch):
     runtime = ModelRuntime(ModelRepository(_repo(tmp_path)).load_spec("wide"), WorkerOptions(intra_op_threads=1),
                            WorkerStats())
     assert runtime.registry.live_capacities() == [1]
+    # the build starts only when the test lets it, so it cannot end before the check that it runs
+    gate, build = threading.Event(), runtime.registry.builder.build
+    monkeypatch.setattr(runtime.registry.builder, "build", lambda capacity: gate.wait(30) and build(capacity))
     item = Item(3, {"x": np.ones((3, WIDTH), np.float32)})
     runtime.run([item])  # runs in chunks on the 1-row engine while a larger one builds
     assert item.error is None and item.outputs["y"].shape == (3, WIDTH)
     assert runtime.registry.stats()["building"]
+    gate.set()
     runtime.close()
     assert runtime.registry.wait_for_builds(0)  # nothing builds any more once close returned

@@ -13,7 +13,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.reference import make_inputs, reference_outputs
-from tests.server import EXAMPLES, copy_model, metric_value, start
+from tests.server import EXAMPLES, copy_model, metric_value, start, wait_for_metric
 
 Request = service_pb2.ModelInferRequest
 Tensor = service_pb2.ModelInferRequest.InferInputTensor
@@ -101,9 +101,10 @@ def test_cancelling_the_stream_cancels_its_requests_in_flight(tmp_path, example_
         reader = threading.Thread(target=lambda: answers.extend(_drain(call)), daemon=True)
         reader.start()
         outgoing.put(_request("busy", "slow", x))
-        time.sleep(0.2)  # the busy batch is running in the worker now
+        wait_for_metric(server, "trtserve_pending_requests", 1, model="slow", version="1")  # the worker has it
         outgoing.put(_request("queued", "slow", x[:1].copy()))
-        time.sleep(0.2)  # ...and this one waits behind it in the worker's queue
+        wait_for_metric(server, "trtserve_pending_requests", 2, model="slow", version="1")
+        time.sleep(0.05)  # ...and this one waits behind it in the worker's queue
         call.cancel()
         outgoing.put(None)
         reader.join(30)
@@ -116,9 +117,17 @@ def test_cancelling_the_stream_cancels_its_requests_in_flight(tmp_path, example_
         assert metric_value(server, "trtserve_pending_requests", model="slow") == 0
         # The queued request never ran: after one more request, two executions (busy, that one).
         stub.ModelInfer(_request("after", "slow", x[:1].copy()), timeout=60)
-        time.sleep(0.5)  # executions arrive with the worker's next stats report
-        stats = stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="slow"), timeout=30).model_stats[0]
-        assert stats.execution_count == 2, stats
+
+        def executions() -> int:  # they arrive with the worker's next stats report
+            request = service_pb2.ModelStatisticsRequest(name="slow")
+            return stub.ModelStatistics(request, timeout=30).model_stats[0].execution_count
+
+        deadline = time.monotonic() + 10
+        while executions() < 2:
+            assert time.monotonic() < deadline, executions()
+            time.sleep(0.1)
+        time.sleep(0.3)  # one more report, in which an execution of the cancelled request would show
+        assert executions() == 2
 
 
 def _drain(call) -> list:

@@ -8,17 +8,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 
 from service.repository import ModelRepository
 from service.workers.supervisor import SupervisorSettings, WorkerHandle
 from service.workers.worker import WorkerOptions
-from tests.server import EXAMPLES
+from tests.server import EXAMPLES, alive
 
 
 async def _exited(pid: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+    while alive(pid):
         assert time.monotonic() < deadline, f"worker pid {pid} did not exit"
         await asyncio.sleep(0.02)
 

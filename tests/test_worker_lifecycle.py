@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.server import shm_segments, start
+from tests.server import alive, shm_segments, start
 
 
 def _tiny_input(batch: int = 2) -> tuple[np.ndarray, list[grpcclient.InferInput]]:
@@ -32,7 +32,7 @@ def _wait(predicate, timeout_s: float, what: str) -> None:
 
 
 def _gone(pids: list[int]) -> bool:
-    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    return not any(alive(p) for p in pids)
 
 
 def test_explicit_load_and_unload(example_repo):
@@ -112,7 +112,7 @@ def test_worker_killed_under_load_fails_fast_and_comes_back(example_repo):
         assert max(failed) < 5.0, f"in-flight requests must fail fast, slowest took {max(failed):.1f}s"
         assert outcomes[-1][0] == "OK"
         assert {m: server.worker_pid(m) for m in others} == others  # other models untouched
-        assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+        assert not alive(victim)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read()
         assert b'trtserve_worker_restarts_total{model="tiny"} 1.0' in metrics
 
