@@ -218,6 +218,25 @@ def test_the_gpu_verdict_takes_each_settings_median_over_its_rounds_against_its_
         "goal >= 80%. Served / engine on device 32%"]
 
 
+def test_the_overhead_verdict_takes_the_median_of_each_rounds_ratio():
+    from bench.overhead import Measurement, combine, markdown, verdict
+
+    def rounds(server: str, mode: str, clients: int, rps: list[float]) -> Measurement:
+        return combine([Measurement(server, mode, clients, 4, r, 1.0, 2.0, 0, 500.0, 100.0, 0.0) for r in rps])
+
+    # each round's trtserve against the same round's floor; the median of those (60%), not the ratio of the
+    # means (1900 / 3100 = 61%)
+    results = [rounds("floor", "stream", 8, [4000, 2000, 3300]), rounds("trtserve", "stream", 8, [2600, 1200, 1900]),
+               rounds("floor", "unary", 8, [2500, 2500]), rounds("trtserve", "unary", 8, [1400, 1500]),
+               rounds("floor", "unary", 1, [900]), rounds("trtserve", "unary", 1, [100])]  # not the goal's clients
+    assert [(mode, round(median, 4), [round(r, 4) for r in ratios], ok)
+            for mode, median, ratios, ok in verdict(results)] == [
+        ("stream", 0.6, [0.65, 0.6, 0.5758], True), ("unary", 0.58, [0.56, 0.6], False)]
+    text = markdown(results, "cmd", 3.0, 3)
+    assert "- Goal: PASS: stream at 8 clients trtserve / floor 60% in the median of 3 round(s) (65%, 60%, 58%)" in text
+    assert "- Goal: FAIL: unary at 8 clients trtserve / floor 58% in the median of 2 round(s) (56%, 60%)" in text
+
+
 def test_the_overhead_benchmark_serves_n_frontend_processes_against_n_floor_processes():
     import psutil
 
