@@ -9,7 +9,7 @@ worker with `py-spy record` (needs py-spy in .venv and ptrace rights, e.g. root)
 non-idle samples of each process into categories. Raw collapsed stacks go to bench/results/profile/.
 Part 3 (the ladder) measures the floor server with trtserve's costs added one at a time (protobuf
 parse/serialize, the error interceptor, a round trip to another process), then trtserve, under the
-same load. Writes
+same load, with unary calls and then with streams. Writes
 bench/results/hotpath.md; the reading of it is bench/results/profile.md.
 """
 
@@ -273,17 +273,17 @@ def _perf_shares(path: Path) -> dict[str, float]:
     return dict(shares)
 
 
-def ladder(seconds: float, out: Path, clients: int = 8
+def ladder(seconds: float, out: Path, clients: int = 8, stream: bool = False
            ) -> tuple[list[tuple[str, float, float, float]], list[tuple[str, float, dict[str, float]]]]:
     """Rows (server, requests/s, server CPU µs/request, context switches/request): the floor with
-    trtserve's costs added one by one, then trtserve. With `perf` installed, also (process, CPU µs/request,
-    share by shared object) for the last floor rung and trtserve's two processes."""
+    trtserve's costs added one by one, then trtserve. With `perf` installed and unary calls, also (process,
+    CPU µs/request, share by shared object) for the last floor rung and trtserve's two processes."""
     from bench.overhead import FloorProcess, measure
 
     rows, split = [], []
     out.mkdir(parents=True, exist_ok=True)
     for i, (label, flags) in enumerate(LADDER):
-        last = i == len(LADDER) - 1
+        last = i == len(LADDER) - 1 and not stream
         with FloorProcess(*flags) as floor:
             procs = {"floor + hop: grpc process": floor.proc.pid}
             echo = [c.pid for c in psutil.Process(floor.proc.pid).children()
@@ -292,13 +292,14 @@ def ladder(seconds: float, out: Path, clients: int = 8
                 procs["floor + hop: echo process"] = echo[0]
             perfs = {n: _perf_start(pid, out / f"perf-{i}-{k}.data", seconds + 3)
                      for k, (n, pid) in enumerate(procs.items())} if last else {}
-            m = measure(label, floor.url, [floor.proc.pid], clients, seconds, False, 4)
+            m = measure(label, floor.url, [floor.proc.pid], clients, seconds, stream, 4)
             split += _split(perfs, procs, m.cpu_by_pid, out, i)  # before the processes stop
         rows.append((label, m.rps, m.server_cpu_us, m.switches))
     with start(EXAMPLES, ["--model-control-mode", "explicit", "--load-model", "tiny"]) as server:
         procs = {"trtserve frontend": server.proc.pid, "trtserve worker": server.worker_pid("tiny")}
-        perfs = {n: _perf_start(pid, out / f"perf-t-{k}.data", seconds + 3) for k, (n, pid) in enumerate(procs.items())}
-        m = measure("trtserve", server.url, [server.proc.pid], clients, seconds, False, 4)
+        perfs = {n: _perf_start(pid, out / f"perf-t-{k}.data", seconds + 3)
+                 for k, (n, pid) in enumerate(procs.items())} if not stream else {}
+        m = measure("trtserve", server.url, [server.proc.pid], clients, seconds, stream, 4)
         split += _split(perfs, procs, m.cpu_by_pid, out, "t")
     front, work = m.cpu_by_pid.get(procs["trtserve frontend"], 0.0), m.cpu_by_pid.get(procs["trtserve worker"], 0.0)
     rows.append((f"trtserve (frontend {front:.0f} + worker {work:.0f} µs/request)", m.rps, m.server_cpu_us,
@@ -321,7 +322,7 @@ def _split(perfs: dict[str, subprocess.Popen | None], procs: dict[str, int], cpu
 
 
 def markdown(rows: list[tuple[str, str, float]], spied: tuple[float, dict] | None,
-             steps: list[tuple[str, float, float, float]] | None,
+             steps: dict[str, list[tuple[str, float, float, float]]],
              split: list[tuple[str, float, dict[str, float]]], command: str) -> str:
     lines = ["# Hot path of a `tiny` batch-1 request: measurements", "", f"Command: `{command}`", "",
              "## Per-step CPU cost (isolated, best of 5, µs per call)", "",
@@ -336,10 +337,10 @@ def markdown(rows: list[tuple[str, str, float]], spied: tuple[float, dict] | Non
             lines += [f"### {name} ({busy} busy of {total} samples)", "", "| category | share |", "|---|---|"]
             lines += [f"| {c} | {n / busy:.0%} |" for c, n in counts if busy]
             lines.append("")
-    if steps:
-        lines += ["## From the floor to trtserve, one cost at a time (8 unary clients)", "",
+    for mode, rungs in steps.items():
+        lines += [f"## From the floor to trtserve, one cost at a time (8 {mode} clients)", "",
                   "| server | requests/s | server CPU µs/request | context switches/request |", "|---|---|---|---|"]
-        lines += [f"| {label} | {rps:.0f} | {cpu:.0f} | {sw:.1f} |" for label, rps, cpu, sw in steps]
+        lines += [f"| {label} | {rps:.0f} | {cpu:.0f} | {sw:.1f} |" for label, rps, cpu, sw in rungs]
         lines.append("")
     if split:
         cols = [*DSO_NAMES.values(), "other"]
@@ -373,7 +374,10 @@ def main() -> None:
             spied = spy(args.seconds, args.out / "profile")
         else:
             print("py-spy not found (.venv/bin/pip install py-spy): skipping the profile under load", flush=True)
-    steps, split = (None, []) if args.no_ladder else ladder(args.seconds, args.out / "profile")
+    steps, split = {}, []
+    if not args.no_ladder:
+        steps["unary"], split = ladder(args.seconds, args.out / "profile")
+        steps["streaming"], _ = ladder(args.seconds, args.out / "profile", stream=True)
     args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join([".venv/bin/python -m bench.hotpath", *sys.argv[1:]])
     (args.out / "hotpath.md").write_text(markdown(rows, spied, steps, split, command))
