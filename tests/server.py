@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
@@ -132,13 +132,18 @@ def metric_value(server: ServerProcess, name: str, **labels: str) -> float:
     return 0.0
 
 
+def wait_until(check: Callable[[], bool], timeout_s: float = 10.0, what: str = "the condition") -> None:
+    """Poll until `check` holds; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def wait_for_metric(server: ServerProcess, name: str, value: float, timeout_s: float = 10.0, **labels: str) -> None:
     """Scrape until one sample reads `value`: frontend processes and workers report to the parent every
     0.1 s, so a count can lag the requests that made it."""
-    deadline = time.monotonic() + timeout_s
-    while (seen := metric_value(server, name, **labels)) != value:
-        assert time.monotonic() < deadline, f"{name}{labels} is {seen}, not {value}, after {timeout_s} s"
-        time.sleep(0.05)
+    wait_until(lambda: metric_value(server, name, **labels) == value, timeout_s, f"{name}{labels} to read {value}")
 
 
 def separate_client(url: str) -> grpcclient.InferenceServerClient:

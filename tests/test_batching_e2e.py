@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from tests.server import ServerProcess, start, wait_for_metric
+from tests.server import ServerProcess, start, wait_for_metric, wait_until
 
 C = (np.arange(16, dtype=np.float32) * np.float32(0.5) - np.float32(3.0)).astype(np.float32)
 CLIENTS = 32
@@ -124,14 +124,6 @@ def batch_hist(server: ServerProcess, model: str) -> tuple[float, float]:
     samples = scrape(server)
     key = (("model", model), ("version", "1"))
     return samples[("trtserve_batch_size_sum", key)], samples[("trtserve_batch_size_count", key)]
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Worker stats reach the parent every 0.1 s: poll until `check` holds."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.05)
 
 
 def run_clients(url: str, jobs: list[Callable[[grpcclient.InferenceServerClient], Any]],

@@ -25,7 +25,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.reference import make_inputs, reference_outputs
-from tests.server import ServerProcess, alive, shm_segments, start
+from tests.server import ServerProcess, alive, shm_segments, start, wait_until
 
 CHURN_S = float(os.environ.get("TRTSERVE_CHURN_S", "30"))
 MAX_ACTIONS = 200  # bounds the churn by count as well as by time
@@ -250,10 +250,9 @@ def _stall_then_kill(server: ServerProcess, stub, probe) -> tuple[list[str], col
     while not probe.ModelReady(service_pb2.ModelReadyRequest(name="tiny"), timeout=10).ready:
         assert time.monotonic() < deadline, "tiny never became ready"
         time.sleep(0.1)
-    while not alive(pid := server.worker_pid("tiny")):  # the log line of a new worker may lag its readiness
-        assert time.monotonic() < deadline, f"tiny's worker {pid} is not running"
-        time.sleep(0.1)
-    victim = psutil.Process(pid)
+    # the log line of a new worker may lag its readiness
+    wait_until(lambda: alive(server.worker_pid("tiny")), deadline - time.monotonic(), "tiny's worker to run")
+    victim = psutil.Process(server.worker_pid("tiny"))
     assert victim.ppid() == server.proc.pid
     probes: list[str] = []
     victim.send_signal(signal.SIGSTOP)

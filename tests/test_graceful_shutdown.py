@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.server import alive, metric_value, separate_client, shm_segments, start
+from tests.server import alive, metric_value, separate_client, shm_segments, start, wait_until
 
 IN_FLIGHT = 20
 
@@ -40,10 +40,8 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(example_repo, 
     for i in range(IN_FLIGHT):
         clients[i % len(clients)].async_infer("convnet", [inp], callback, client_timeout=120)
     time.sleep(0.5)  # let every request reach the server (a busy machine can take longer: checked below)
-    deadline = time.monotonic() + 30
-    while metric_value(server, "trtserve_pending_requests", model="convnet", version="1") + len(results) < IN_FLIGHT:
-        assert time.monotonic() < deadline, "the requests did not all reach the server"
-        time.sleep(0.05)
+    wait_until(lambda: metric_value(server, "trtserve_pending_requests", model="convnet", version="1")
+               + len(results) >= IN_FLIGHT, 30, "every request to reach the server")
     with done:
         finished_before = len(results)
     assert finished_before < IN_FLIGHT, "requests finished too fast to test draining; use a heavier batch"

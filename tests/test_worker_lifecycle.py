@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.server import alive, shm_segments, start
+from tests.server import alive, shm_segments, start, wait_until
 
 
 def _tiny_input(batch: int = 2) -> tuple[np.ndarray, list[grpcclient.InferInput]]:
@@ -22,13 +22,6 @@ def _tiny_input(batch: int = 2) -> tuple[np.ndarray, list[grpcclient.InferInput]
     inp = grpcclient.InferInput("x", [batch, 16], "FP32")
     inp.set_data_from_numpy(x)
     return x, [inp]
-
-
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _gone(pids: list[int]) -> bool:
@@ -55,7 +48,7 @@ def test_explicit_load_and_unload(example_repo):
         tiny_worker = server.worker_pid("tiny")
         client.unload_model("tiny")
         assert not client.is_model_ready("tiny")
-        _wait(lambda: _gone([tiny_worker]), 10, "the unloaded model's worker to exit")
+        wait_until(lambda: _gone([tiny_worker]), 10, "the unloaded model's worker to exit")
         with pytest.raises(InferenceServerException) as err:
             client.infer("tiny", _tiny_input()[1])
         assert err.value.status() == "StatusCode.NOT_FOUND"
@@ -95,12 +88,12 @@ def test_worker_killed_under_load_fails_fast_and_comes_back(example_repo):
         threads = [threading.Thread(target=load) for _ in range(8)]
         for t in threads:
             t.start()
-        _wait(lambda: len(outcomes) > 40, 20, "load to start")
+        wait_until(lambda: len(outcomes) > 40, 20, "load to start")
         os.kill(victim, signal.SIGKILL)
-        _wait(lambda: server.worker_pid("tiny") != victim, 20, "the worker to be respawned")
-        _wait(lambda: client.is_model_ready("tiny"), 20, "the model to be ready again")
+        wait_until(lambda: server.worker_pid("tiny") != victim, 20, "the worker to be respawned")
+        wait_until(lambda: client.is_model_ready("tiny"), 20, "the model to be ready again")
         n = len(outcomes)
-        _wait(lambda: len(outcomes) > n + 40, 20, "requests after the restart")
+        wait_until(lambda: len(outcomes) > n + 40, 20, "requests after the restart")
         stop.set()
         for t in threads:
             t.join(30)
@@ -126,7 +119,7 @@ def test_shutdown_leaves_no_process_or_shared_memory(example_repo, sig):
     client.infer("tiny", _tiny_input()[1])
     assert shm_segments(server.proc.pid)
     assert server.stop(sig) == 0
-    _wait(lambda: _gone(workers), 10, "workers to exit")
+    wait_until(lambda: _gone(workers), 10, "workers to exit")
     assert shm_segments(server.proc.pid) == []
 
 
@@ -135,8 +128,8 @@ def test_server_killed_leaves_no_orphans(example_repo):
     workers = [p.pid for p in server.workers()]
     server.stop(signal.SIGKILL)
     # Workers see their pipe close and exit; Python's resource tracker unlinks the arenas.
-    _wait(lambda: _gone(workers), 15, "orphaned workers to exit")
-    _wait(lambda: shm_segments(server.proc.pid) == [], 15, "shared memory to be removed")
+    wait_until(lambda: _gone(workers), 15, "orphaned workers to exit")
+    wait_until(lambda: shm_segments(server.proc.pid) == [], 15, "shared memory to be removed")
 
 
 def test_hung_worker_is_killed_and_respawned(example_repo):
@@ -150,8 +143,8 @@ def test_hung_worker_is_killed_and_respawned(example_repo):
             client.infer("tiny", _tiny_input()[1], client_timeout=30)
         assert err.value.status() == "StatusCode.UNAVAILABLE"
         assert time.monotonic() - t0 < 10, "the stuck worker must be detected within the hang timeout"
-        _wait(lambda: server.worker_pid("tiny") != victim, 20, "a new worker")
-        _wait(lambda: client.is_model_ready("tiny"), 20, "the model to be ready again")
+        wait_until(lambda: server.worker_pid("tiny") != victim, 20, "a new worker")
+        wait_until(lambda: client.is_model_ready("tiny"), 20, "the model to be ready again")
         x, inputs = _tiny_input()
         assert client.infer("tiny", inputs).as_numpy("y").shape == x.shape
         assert any("answered no heartbeat" in line for line in server.lines)
@@ -206,9 +199,9 @@ def test_load_whose_client_gives_up_leaves_no_worker_behind(example_repo):
         def mixed():  # its entry in the repository index
             return next(m for m in client.get_model_repository_index().models if m.name == "mixed")
 
-        _wait(lambda: mixed().state == "UNAVAILABLE", 30, "the cancelled load to end")
+        wait_until(lambda: mixed().state == "UNAVAILABLE", 30, "the cancelled load to end")
         assert mixed().reason == "load cancelled"
-        _wait(lambda: len(proc.children()) == children and shm_segments(server.proc.pid) == segments, 10,
+        wait_until(lambda: len(proc.children()) == children and shm_segments(server.proc.pid) == segments, 10,
               "the cancelled load's worker and shared memory to be gone")
         client.load_model("mixed")  # and the model still loads
         assert client.is_model_ready("mixed")
@@ -231,8 +224,8 @@ def test_unload_whose_client_gives_up_still_stops_the_worker(example_repo):
         with pytest.raises(InferenceServerException) as err:
             client.unload_model("mixed", client_timeout=1)
         assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-        _wait(lambda: not psutil.pid_exists(victim), 10, "the worker to be killed and reaped")
-        _wait(lambda: len(proc.children()) == children - 1 and len(shm_segments(server.proc.pid)) == segments - 1,
+        wait_until(lambda: not psutil.pid_exists(victim), 10, "the worker to be killed and reaped")
+        wait_until(lambda: len(proc.children()) == children - 1 and len(shm_segments(server.proc.pid)) == segments - 1,
               10, "only the unloaded model's worker and shared memory to be gone")
         state = next(m for m in client.get_model_repository_index().models if m.name == "mixed")
         assert (state.state, state.reason) == ("UNAVAILABLE", "unloaded")
